@@ -1,0 +1,5 @@
+import sys
+
+from mdm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Schedules, the multi-level forward process and samplers."""

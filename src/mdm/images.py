@@ -1,0 +1,65 @@
+"""Pixel conversions and PNG grids with every level of a pyramid side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats -> uint8 NHWC via p = x * 128 + 127 (ml-mdm's pixel convention)."""
+    arr = (x.detach().float().cpu() * 128 + 127).round().clamp(0, 255).to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """One PIL image per batch row."""
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8(x)]
+
+
+def level_strip(levels: list[torch.Tensor], labels: list[str] | None = None) -> list[Image.Image]:
+    """Per sample, every level upscaled (nearest) to the top size, side by side, highest first, labelled."""
+    size = levels[0].shape[-1]
+    panels = [F.interpolate(lv.float(), size=(size, size), mode="nearest") for lv in levels]
+    row = torch.cat(panels, dim=-1)
+    images = to_pil(row)
+    if labels is None:
+        labels = [f"{lv.shape[-1]}px" for lv in levels]
+    out = []
+    for img in images:
+        canvas = Image.new("RGB", (img.width, img.height + 12), "white")
+        canvas.paste(img.convert("RGB"), (0, 12))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(labels):
+            draw.text((i * size + 2, 0), text, fill="black")
+        out.append(canvas)
+    return out
+
+
+def grid(images: list[Image.Image], cols: int, titles: list[str] | None = None) -> Image.Image:
+    """Tile images (all the same size) into a grid, optionally with a title above each cell."""
+    w, h = images[0].size
+    pad = 12 if titles else 0
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * w, rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, img in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * (h + pad)
+        canvas.paste(img.convert("RGB"), (x, y + pad))
+        if titles:
+            draw.text((x + 2, y), titles[i], fill="black")
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG, creating parent folders; written to a temporary name first, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

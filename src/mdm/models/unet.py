@@ -1,0 +1,294 @@
+"""The NestedUNet: a UNet whose bottleneck is the UNet of the next lower resolution, any depth.
+
+A one-level config gives a plain UNet. Levels are joined by zero-initialised 3x3 adapters (`in_adapter` into
+the inner network's first features, `out_adapter` back), so growing a model by one outer level leaves the
+inner predictions unchanged. Module names follow ml-mdm, so its state dicts load by identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mdm.config import ModelConfig, UNetConfig
+from mdm.models.blocks import LevelBlock, TextBlock, sinusoidal_embedding, timestep_frequencies, zero_
+from mdm.models.conditioning import Conditioning
+
+
+def _embed_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Sinusoids are evaluated in float64 for float64 models and in float32 otherwise (never in bf16/fp16)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class NestedUNet(nn.Module):
+    """Denoiser over a pyramid: `unet(z_levels, t, cond) -> predictions`, lists highest resolution first."""
+
+    def __init__(self, config: ModelConfig, level: UNetConfig | None = None, nested: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        level = config.unet if level is None else level
+        self.level = level
+        self.nested = nested
+        self.innermost = level.inner is None
+        islands = config.fp32_islands
+        ctx = config.context_dim()
+        temb = level.temb_dim if level.temb_dim is not None else 4 * level.channels[0]
+        self.temb_dim = temb
+        groups, drop = level.num_groups, level.dropout
+
+        self.temb_layer1 = nn.Linear(temb // 4, temb)
+        self.temb_layer2 = nn.Linear(temb, temb)
+        if level.micro_conditioning:
+            self.cond_layers = nn.ModuleDict(
+                {
+                    name: nn.ModuleList([nn.Linear(temb // 4, temb), zero_(nn.Linear(temb, temb))])
+                    for name in level.micro_conditioning
+                }
+            )
+        if self.innermost and ctx > 0:
+            self.cond_emb = nn.Linear(ctx, temb, bias=False)
+            if config.text_dim > 0 and level.text_proj_dim > 0:
+                self.lm_proj = nn.Linear(config.text_dim, level.text_proj_dim)
+            if config.num_classes > 0:
+                self.class_emb = nn.Embedding(config.num_classes + 1, ctx)
+            self.lm_head = nn.ModuleList(TextBlock(ctx, 8, islands) for _ in range(level.num_lm_head_layers))
+
+        ch = level.channels
+        n = len(ch)
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        skip_widths = [ch[0]]
+        c = ch[0]
+        down = []
+        for i in range(n):
+            widths = []
+            for _ in range(level.num_res_blocks[i]):
+                widths.append((c, ch[i]))
+                c = ch[i]
+                skip_widths.append(c)
+            if i != n - 1:
+                skip_widths.append(c)
+            down.append(self._block(widths, i, ctx, "down" if i != n - 1 else None))
+        self.down_blocks = nn.ModuleList(down)
+
+        if self.innermost:
+            if level.mid_blocks is not False:
+                self.mid_blocks = nn.ModuleList(
+                    [
+                        LevelBlock(
+                            [(c, c)],
+                            temb,
+                            groups,
+                            drop,
+                            1,
+                            level.num_heads,
+                            ctx,
+                            level.attention_ffn,
+                            None,
+                            islands,
+                        ),
+                        LevelBlock([(c, c)], temb, groups, drop, 0, level.num_heads, 0, False, None, islands),
+                    ]
+                )
+        else:
+            self.inner_unet = NestedUNet(config, level.inner, nested=True)
+            inner_c0 = level.inner.channels[0]
+            self.in_adapter = zero_(nn.Conv2d(c, inner_c0, 3, padding=1))
+            self.out_adapter = zero_(nn.Conv2d(inner_c0, c, 3, padding=1))
+
+        up = []
+        for i in reversed(range(n)):
+            widths = []
+            for _ in range(level.num_res_blocks[i] + 1):
+                widths.append((c + skip_widths.pop(), ch[i]))
+                c = ch[i]
+            up.append(self._block(widths, i, ctx, "up" if i != 0 else None))
+        self.up_blocks = nn.ModuleList(up)
+        self.norm_out = nn.GroupNorm(groups, c)
+        self.conv_out = zero_(nn.Conv2d(c, config.out_channels, 3, padding=1))
+
+    def _block(self, widths: list[tuple[int, int]], stage: int, ctx: int, resample: str | None) -> LevelBlock:
+        lv = self.level
+        attn = lv.num_attention_layers[stage] if stage in lv.attention_levels else 0
+        return LevelBlock(
+            widths,
+            self.temb_dim,
+            lv.num_groups,
+            lv.dropout,
+            attn,
+            lv.num_heads,
+            ctx,
+            lv.attention_ffn,
+            resample,
+            self.config.fp32_islands,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        """Number of resolution levels."""
+        return len(self.level.levels())
+
+    def levels(self) -> list[NestedUNet]:
+        """The level modules, outermost first."""
+        out = [self]
+        while not out[-1].innermost:
+            out.append(out[-1].inner_unet)
+        return out
+
+    def set_fp32_islands(self, enabled: bool) -> None:
+        """Switch ml-mdm's float32 islands (time frequencies, softmax, upsampling) on or off everywhere."""
+        self.config.fp32_islands = enabled
+        for module in self.modules():
+            if hasattr(module, "fp32_islands"):
+                module.fp32_islands = enabled
+
+    def _sinusoid_mlp(self, values: torch.Tensor, l1: nn.Linear, l2: nn.Linear) -> torch.Tensor:
+        freqs = timestep_frequencies(self.temb_dim, self.config.fp32_islands).to(values.device, _embed_dtype(l1.weight))
+        emb = sinusoidal_embedding(values, freqs).to(l1.weight.dtype)
+        return l2(F.silu(l1(emb)))
+
+    def _time_embedding(self, t: torch.Tensor, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Time MLP(t) plus one sinusoid MLP per micro-conditioning value ('scale' is capped at its default)."""
+        temb = self._sinusoid_mlp(t, self.temb_layer1, self.temb_layer2)
+        for name, default in self.level.micro_conditioning.items():
+            value = micro.get(name)
+            value = torch.full(t.shape, default, device=t.device) if value is None else value.to(t.device)
+            value = (value / default).clamp(max=1) * default if name == "scale" else value * 1000
+            temb = temb + self._sinusoid_mlp(value, *self.cond_layers[name])
+        return temb
+
+    def _condition(
+        self, cond: Conditioning | None, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Innermost only: (pooled embedding, context tokens, cross-attention mask or None)."""
+        if not hasattr(self, "cond_emb"):
+            if cond is not None and cond.batch_size is not None:
+                raise ValueError("this model is unconditional: it takes no labels or text")
+            return None, None, None
+        if cond is None or cond.batch_size is None:
+            raise ValueError("this model is conditional: pass Conditioning(labels=...) or Conditioning(text=...)")
+        if cond.batch_size != batch:
+            raise ValueError(f"condition batch {cond.batch_size} does not match the input batch {batch}")
+        dtype = self.cond_emb.weight.dtype
+        if cond.labels is not None:
+            if not hasattr(self, "class_emb"):
+                raise ValueError("this model takes text, not class labels (model.num_classes = 0)")
+            n = self.config.num_classes
+            if cond.labels.min() < 0 or cond.labels.max() > n:
+                raise ValueError(f"class labels must be in [0, {n}] ({n} = null class), got {cond.labels.tolist()}")
+            tokens = self.class_emb(cond.labels)[:, None]
+            mask = None
+        else:
+            if self.config.text_dim == 0:
+                raise ValueError("this model takes class labels, not text (model.text_dim = 0)")
+            if cond.text.shape[-1] != self.config.text_dim:
+                raise ValueError(f"text features must be {self.config.text_dim} wide, got {cond.text.shape[-1]}")
+            tokens = cond.text.to(dtype)
+            if hasattr(self, "lm_proj"):
+                tokens = self.lm_proj(tokens)
+            mask = cond.text_mask
+        masked = self.level.masked_cross_attention
+        for block in self.lm_head:
+            tokens = block(tokens, mask if masked else None)
+        if mask is None or (not masked and len(self.lm_head) > 0):
+            pooled = tokens.mean(dim=1)
+        else:
+            m = mask.to(tokens.dtype)[..., None]
+            pooled = (m * tokens).sum(1) / m.sum(1)
+        return self.cond_emb(pooled), tokens, (mask if masked else None)
+
+    def _run(self, block: nn.Module, *args: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _denoise(
+        self,
+        zs: list[torch.Tensor],
+        t: torch.Tensor,
+        cemb: torch.Tensor | None,
+        ctx: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        micro: dict[str, torch.Tensor],
+        feat: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Denoise this level and everything inside it; returns predictions and pre-`norm_out` features."""
+        temb = self._time_embedding(t, micro)
+        if cemb is not None:
+            temb = temb + cemb
+        z = zs[0]
+        bh = z.shape[0]
+        if self.level.normalize_input:
+            z = z / z.std(dim=(1, 2, 3), keepdim=True)
+        x = self.conv_in(z.to(self.conv_in.weight.dtype))
+        if feat is not None:
+            x = x + feat
+        temb_h = temb[:bh]
+        ctx_h = None if ctx is None else ctx[:bh]
+        mask_h = None if mask is None else mask[:bh]
+        skips = [x]
+        for block in self.down_blocks:
+            x, acts = self._run(block, x, temb_h, ctx_h, mask_h)
+            skips.extend(acts)
+        if self.innermost:
+            lower: list[torch.Tensor] = []
+            if hasattr(self, "mid_blocks"):
+                for block in self.mid_blocks:
+                    x, _ = self._run(block, x, temb_h, ctx_h, mask_h)
+        else:
+            a = self.in_adapter(x)
+            bl = zs[1].shape[0]
+            if bl > bh:
+                a = torch.cat([a, a.new_zeros(bl - bh, *a.shape[1:])])
+            lower, inner_feat = self.inner_unet._denoise(zs[1:], t, cemb, ctx, mask, micro, a)
+            x = x + self.out_adapter(inner_feat)[:bh]
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            x, _ = self._run(block, x, temb_h, ctx_h, mask_h, skips[-k:])
+            del skips[-k:]
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return [out, *lower], x
+
+    def forward(
+        self,
+        z_levels: list[torch.Tensor] | torch.Tensor,
+        t: torch.Tensor | int,
+        cond: Conditioning | None = None,
+    ) -> list[torch.Tensor]:
+        """Predict every level from the noisy pyramid `z_levels` (highest first) at network time input `t`.
+
+        Lower levels may carry more rows than higher ones (mixed-resolution batches): level l then denoises
+        the first rows only, and `t` and `cond` follow the largest batch.
+        """
+        if self.nested:
+            raise RuntimeError("call the outermost NestedUNet, not an inner level")
+        zs = [z_levels] if isinstance(z_levels, torch.Tensor) else list(z_levels)
+        sizes = self.config.level_sizes()
+        if len(zs) != len(sizes):
+            raise ValueError(
+                f"expected {len(sizes)} levels (sides {sizes} for image_size {self.config.image_size}), got {len(zs)}"
+            )
+        ratio = [sizes[i] // sizes[-1] for i in range(len(sizes))]
+        base = zs[-1].shape[-1]
+        for i, z in enumerate(zs):
+            if z.dim() != 4 or z.shape[1] != self.config.in_channels:
+                raise ValueError(f"level {i} must be (B, {self.config.in_channels}, H, W), got {tuple(z.shape)}")
+            if z.shape[-1] != base * ratio[i] or z.shape[-2] != zs[-1].shape[-2] * ratio[i]:
+                raise ValueError(
+                    f"level {i} has side {tuple(z.shape[-2:])}; sides must keep the ratios {ratio} "
+                    f"of the model (got lowest {tuple(zs[-1].shape[-2:])})"
+                )
+            if i and z.shape[0] < zs[i - 1].shape[0]:
+                raise ValueError("a lower level may not have fewer rows than the level above it")
+        batch = zs[-1].shape[0]
+        t = torch.as_tensor(t, device=zs[-1].device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+        cemb, ctx, mask = self.levels()[-1]._condition(cond, batch)
+        micro = {} if cond is None else cond.micro
+        outs, _ = self._denoise(zs, t, cemb, ctx, mask, micro)
+        return outs

@@ -1,0 +1,1 @@
+"""Shipped YAML presets (see `mdm.config.list_presets`)."""

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from PIL import Image
+
+from mdm import MDMPipeline, NestedUNet
+from tests.conftest import randomize_, tiny_config
+
+
+def class_pipe(levels: int = 2) -> MDMPipeline:
+    cfg = tiny_config(levels=levels, text_dim=0, num_classes=3)
+    pipe = MDMPipeline(randomize_(NestedUNet(cfg.model)).eval(), cfg)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_save_and_load_give_bitwise_identical_outputs(tmp_path):
+    pipe = class_pipe(levels=3)
+    pipe.provenance = {"source": "unit-test"}
+    pipe.save_pretrained(tmp_path / "model")
+    pipe.save_pretrained(tmp_path / "model")  # overwriting an existing directory is safe
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.yaml", "model.safetensors"]
+    loaded = MDMPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config == pipe.config and loaded.provenance == {"source": "unit-test"}
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, loaded.unet.state_dict()[k])
+    kw = dict(class_labels=[0, 2], num_inference_steps=4, output_type="pt")
+    a = pipe(**kw, generator=torch.Generator().manual_seed(0))
+    b = loaded(**kw, generator=torch.Generator().manual_seed(0))
+    for x, y in zip(a.levels, b.levels, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_outputs_in_every_format():
+    pipe = class_pipe()
+    pil = pipe(class_labels=[1], num_images_per_prompt=2, num_inference_steps=2)
+    assert len(pil.images) == 2 and isinstance(pil.images[0], Image.Image)
+    assert [im.size for im in (lv[0] for lv in pil.levels)] == [(16, 16), (8, 8)]
+    arr = pipe(class_labels=[1], num_inference_steps=2, output_type="np")
+    assert arr.images.shape == (1, 16, 16, 3) and arr.images.dtype.name == "uint8"
+    pt = pipe(class_labels=[1], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert pt.images.min() >= -1 and pt.images.max() <= 1 and pt.images.std() > 0
+
+
+def test_latents_and_callback():
+    pipe = class_pipe()
+    latents = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 8)]
+    steps = []
+    out = pipe(
+        class_labels=[0],
+        num_inference_steps=3,
+        latents=latents,
+        output_type="pt",
+        callback=lambda i, t, state: steps.append((i, t, len(state))),
+    )
+    again = pipe(class_labels=[0], num_inference_steps=3, latents=latents, output_type="pt")
+    assert torch.equal(out.images, again.images)
+    assert steps == [(0, 751, 2), (1, 500, 2), (2, 250, 2)]
+    with pytest.raises(ValueError, match="latents must be 2 tensors"):
+        pipe(class_labels=[0], latents=latents[:1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(class_labels=[3]), "class_labels must be in [0, 3)"),
+        (dict(prompt="a cat"), "this model is class-conditional"),
+        (dict(), "this model is class-conditional"),
+        (dict(class_labels=[0], output_type="jpg"), "output_type"),
+        (dict(class_labels=[0], prompt="x"), "give one of"),
+    ],
+)
+def test_bad_calls(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        class_pipe()(num_inference_steps=2, **kwargs)
+    assert needle in str(err.value)
+
+
+def test_text_pipeline_requires_unconditional_text_for_guidance():
+    cfg = tiny_config(levels=2)
+    pipe = MDMPipeline(randomize_(NestedUNet(cfg.model)).eval(), cfg)
+    pipe.set_progress_bar_config(disable=True)
+    emb = torch.randn(2, 4, 24)
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        pipe(prompt_embeds=emb, num_inference_steps=2)
+    with pytest.raises(ValueError, match="no text encoder"):
+        pipe(prompt="a red circle", num_inference_steps=2, guidance_scale=1.0)
+    out = pipe(
+        prompt_embeds=emb,
+        negative_prompt_embeds=torch.zeros(1, 2, 24),
+        num_inference_steps=2,
+        output_type="pt",
+    )
+    assert out.images.shape == (2, 3, 16, 16)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        MDMPipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing config\.yaml"):
+        MDMPipeline.from_pretrained(tmp_path / "empty")

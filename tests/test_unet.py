@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from mdm.config import MDMConfig, ModelConfig
+from mdm.diffusion.process import MultiLevelDiffusion
+from mdm.models.conditioning import Conditioning
+from mdm.models.unet import NestedUNet
+from tests.conftest import inner_level, randomize_, tiny_config
+
+
+def inputs(cfg: MDMConfig, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(batch, 3, s, s, generator=g) for s in cfg.model.level_sizes()]
+    text = torch.randn(batch, 5, cfg.model.text_dim, generator=g)
+    mask = torch.ones(batch, 5)
+    mask[0, 3:] = 0
+    text = text * mask[..., None]
+    return zs, torch.tensor([999, 3][:batch]), Conditioning(text=text, text_mask=mask)
+
+
+def test_output_shapes_and_level_order():
+    cfg = tiny_config(levels=3)
+    model = randomize_(NestedUNet(cfg.model))
+    zs, t, cond = inputs(cfg)
+    out = model(zs, t, cond)
+    assert (
+        [tuple(o.shape) for o in out] == [tuple(z.shape) for z in zs] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+    )
+    assert all(torch.isfinite(o).all() and o.std() > 0.01 for o in out)
+
+
+def test_gradients_reach_every_parameter_of_three_levels():
+    cfg = tiny_config(levels=3)
+    model = randomize_(NestedUNet(cfg.model))
+    proc = MultiLevelDiffusion(cfg.diffusion, cfg.model.level_sizes())
+    zs, _, cond = inputs(cfg)
+    proc.loss(model, zs[0].clamp(-1, 1), cond, generator=torch.Generator().manual_seed(1)).loss.mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+
+
+def test_fresh_model_predicts_zero_and_outer_level_leaves_inner_unchanged():
+    cfg3 = tiny_config(levels=3)
+    model = NestedUNet(cfg3.model)
+    zs, t, cond = inputs(cfg3)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in model(zs, t, cond))
+    cfg2 = tiny_config(levels=2)
+    small = randomize_(NestedUNet(cfg2.model))
+    grown = NestedUNet(cfg3.model)
+    missing = grown.inner_unet.load_state_dict(small.state_dict(), strict=True)
+    assert not missing.missing_keys
+    with torch.no_grad():
+        before = small(zs[1:], t, cond)
+        after = grown(zs, t, cond)
+    assert torch.equal(after[0], torch.zeros_like(after[0]))
+    for a, b in zip(after[1:], before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_rows_match_standalone_inner_model():
+    cfg = tiny_config(levels=2)
+    model = randomize_(NestedUNet(cfg.model)).eval()
+    zs, t, cond = inputs(cfg, batch=2)
+    with torch.no_grad():
+        mixed = model([zs[0][:1], zs[1]], t, cond)
+        full = model(zs, t, cond)
+        torch.testing.assert_close(mixed[0], full[0][:1])
+        torch.testing.assert_close(mixed[1][:1], full[1][:1])
+        # the row without a top level sees zero adapter features: exactly the inner network alone
+        with torch.no_grad():
+            model.in_adapter.weight.zero_()
+            model.in_adapter.bias.zero_()
+            alone = model(zs, t, cond)[1][1]
+        assert not torch.allclose(full[1][1], alone)
+        torch.testing.assert_close(mixed[1][1], alone)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    cfg = tiny_config(levels=2)
+    a = randomize_(NestedUNet(cfg.model))
+    cfg_ck = tiny_config(levels=2, gradient_checkpointing=True)
+    b = NestedUNet(cfg_ck.model)
+    b.load_state_dict(a.state_dict())
+    zs, t, cond = inputs(cfg)
+    for m in (a, b):
+        sum(o.square().mean() for o in m(zs, t, cond)).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_class_conditional_model_uses_its_labels():
+    cfg = tiny_config(levels=2, text_dim=0, num_classes=4)
+    model = randomize_(NestedUNet(cfg.model)).eval()
+    zs, t, _ = inputs(cfg)
+    with torch.no_grad():
+        a = model(zs, t, Conditioning(labels=torch.tensor([0, 1])))
+        b = model(zs, t, Conditioning(labels=torch.tensor([0, 4])))
+    torch.testing.assert_close(a[0][0], b[0][0])
+    assert (a[0][1] - b[0][1]).abs().max() > 1e-3
+
+
+def test_masked_cross_attention_ignores_padding_but_unmasked_does_not():
+    for masked in (True, False):
+        cfg = MDMConfig(
+            model=ModelConfig(image_size=8, text_dim=24, unet=inner_level(masked_cross_attention=masked))
+        ).validate()
+        model = randomize_(NestedUNet(cfg.model)).eval()
+        zs, t, cond = inputs(cfg)
+        padded = Conditioning(
+            text=torch.cat([cond.text, torch.zeros(2, 3, 24)], 1),
+            text_mask=torch.cat([cond.text_mask, torch.zeros(2, 3)], 1),
+        )
+        with torch.no_grad():
+            diff = (model(zs, t, cond)[0] - model(zs, t, padded)[0]).abs().max()
+        assert (diff < 1e-5) if masked else (diff > 1e-4)
+
+
+def test_unconditional_model():
+    cfg = MDMConfig(model=ModelConfig(image_size=8, unet=inner_level(text_proj_dim=0))).validate()
+    model = randomize_(NestedUNet(cfg.model))
+    out = model([torch.randn(2, 3, 8, 8)], 5)
+    assert out[0].shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        model([torch.randn(2, 3, 8, 8)], 5, Conditioning(labels=torch.tensor([0, 1])))
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda m, zs, t, c: m(zs[:2], t, c), "expected 3 levels"),
+        (lambda m, zs, t, c: m([zs[0][:, :, :16], *zs[1:]], t, c), "sides must keep the ratios"),
+        (lambda m, zs, t, c: m([zs[0][:, :1], *zs[1:]], t, c), "level 0 must be (B, 3, H, W)"),
+        (lambda m, zs, t, c: m(zs, torch.tensor([1, 2, 3]), c), "t must be a scalar or shape (2,)"),
+        (lambda m, zs, t, c: m(zs, t, None), "this model is conditional"),
+        (lambda m, zs, t, c: m(zs, t, Conditioning(text=torch.randn(2, 5, 7))), "must be 24 wide"),
+        (lambda m, zs, t, c: m(zs, t, Conditioning(text=torch.randn(3, 5, 24))), "condition batch 3"),
+        (
+            lambda m, zs, t, c: m(zs, t, Conditioning(labels=torch.tensor([0, 1]))),
+            "takes text, not class labels",
+        ),
+        (lambda m, zs, t, c: m([zs[0], zs[1][:1], zs[2]], t, c), "fewer rows"),
+    ],
+)
+def test_bad_inputs_are_rejected(call, needle):
+    cfg = tiny_config(levels=3)
+    model = NestedUNet(cfg.model)
+    zs, t, cond = inputs(cfg)
+    with pytest.raises(ValueError) as err:
+        call(model, zs, t, cond)
+    assert needle in str(err.value)
+
+
+def test_conditioning_validation():
+    with pytest.raises(ValueError, match="not both"):
+        Conditioning(labels=torch.tensor([1]), text=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="rows \\[1\\] have no tokens"):
+        Conditioning(text=torch.zeros(2, 2, 3), text_mask=torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        Conditioning(labels=torch.tensor([1.0]))
