@@ -78,28 +78,15 @@ def test_sampling_is_deterministic_under_a_generator_and_guidance_mixes_branches
 
     noise = [torch.randn(2, 3, 4, 4)]
     kw = dict(prediction_type="v", sampler="ddpm", progress=False)
-    a = sample(
-        model,
-        noise,
-        gammas,
-        timestep_grid(5),
-        Conditioning(labels=torch.tensor([1, 2])),
-        Conditioning(labels=torch.tensor([9, 9])),
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(4),
-        **kw,
-    )
-    b = sample(
-        model,
-        noise,
-        gammas,
-        timestep_grid(5),
-        Conditioning(labels=torch.tensor([1, 2])),
-        Conditioning(labels=torch.tensor([9, 9])),
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(4),
-        **kw,
-    )
+
+    def run() -> list[torch.Tensor]:
+        cond, uncond = Conditioning(labels=torch.tensor([1, 2])), Conditioning(labels=torch.tensor([9, 9]))
+        generator = torch.Generator().manual_seed(4)
+        return sample(
+            model, noise, gammas, timestep_grid(5), cond, uncond, guidance_scale=3.0, generator=generator, **kw
+        )
+
+    a, b = run(), run()
     assert torch.equal(a[0], b[0])
     assert calls[0] == [9, 9, 1, 2], "guidance batch is [uncond; cond]"
     with pytest.raises(ValueError, match="unconditional condition"):

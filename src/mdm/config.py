@@ -28,8 +28,8 @@ class UNetConfig:
 
     channels: list[int] = field(default_factory=lambda: [256, 512, 768], metadata={"help": "width per stage"})
     num_res_blocks: list[int] = field(
-        default_factory=lambda: [2, 2, 2],
-        metadata={"help": "ResNets per stage on the way down (up: one more)"},
+        default_factory=lambda: [2],
+        metadata={"help": "ResNets per stage going down (up: one more); one value = every stage"},
     )
     attention_levels: list[int] = field(
         default_factory=list,

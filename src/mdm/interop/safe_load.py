@@ -141,5 +141,5 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise UnsafeCheckpointError(f"{path}: no tensors found")
-    plain = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, Placeholder)}
+    plain = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
     return tensors, plain
