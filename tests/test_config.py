@@ -63,6 +63,7 @@ def test_round_trip_through_yaml(tmp_path):
             "attention stage",
         ),
         (lambda d: d["model"].update(fp32_islands="yes"), "'model.fp32_islands' must be bool"),
+        (lambda d: d["model"]["unet"].update(micro_conditioning={"scale": 0}), "micro_conditioning.scale' must be > 0"),
     ],
 )
 def test_bad_configs_name_file_key_and_expectation(tmp_path, mutate, needle):

@@ -157,3 +157,29 @@ def test_conditioning_validation():
         Conditioning(text=torch.zeros(2, 2, 3), text_mask=torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="integer tensor"):
         Conditioning(labels=torch.tensor([1.0]))
+
+
+def test_extra_micro_conditioning_values_change_the_output():
+    cfg = MDMConfig(
+        model=ModelConfig(
+            image_size=8, text_dim=24, unet=inner_level(micro_conditioning={"scale": 8.0, "aesthetic": 0.0})
+        )
+    ).validate()
+    model = randomize_(NestedUNet(cfg.model)).eval()
+    zs, t, cond = inputs(cfg)
+    with torch.no_grad():
+        default = model(zs, t, cond)[0]
+        explicit = model(
+            zs, t, Conditioning(text=cond.text, text_mask=cond.text_mask, micro={"aesthetic": torch.zeros(2)})
+        )[0]
+        other = model(
+            zs,
+            t,
+            Conditioning(
+                text=cond.text,
+                text_mask=cond.text_mask,
+                micro={"aesthetic": torch.ones(2), "scale": torch.full((2,), 99.0)},
+            ),
+        )[0]
+    torch.testing.assert_close(default, explicit)
+    assert (default - other).abs().max() > 1e-4

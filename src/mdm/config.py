@@ -346,8 +346,8 @@ def _validate_level(level: UNetConfig, key: str, source: str, innermost: bool, t
         f"= {own_temb} must equal the innermost level's time width {temb_dim} (the pooled text is shared)",
     )
     _check(0.0 <= level.dropout < 1.0, source, f"{key}.dropout", f"must be in [0, 1), got {level.dropout}")
-    for name, default in level.micro_conditioning.items():
-        _check(default > 0, source, f"{key}.micro_conditioning.{name}", f"default must be > 0, got {default}")
+    scale = level.micro_conditioning.get("scale")
+    _check(scale is None or scale > 0, source, f"{key}.micro_conditioning.scale", f"must be > 0, got {scale}")
     if innermost:
         _check(not level.normalize_input, source, f"{key}.normalize_input", "applies to outer levels only")
     else:
