@@ -40,21 +40,6 @@ def level_strip(levels: list[torch.Tensor], labels: list[str] | None = None) -> 
     return out
 
 
-def grid(images: list[Image.Image], cols: int, titles: list[str] | None = None) -> Image.Image:
-    """Tile images (all the same size) into a grid, optionally with a title above each cell."""
-    w, h = images[0].size
-    pad = 12 if titles else 0
-    rows = (len(images) + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * w, rows * (h + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, img in enumerate(images):
-        x, y = (i % cols) * w, (i // cols) * (h + pad)
-        canvas.paste(img.convert("RGB"), (x, y + pad))
-        if titles:
-            draw.text((x + 2, y), titles[i], fill="black")
-    return canvas
-
-
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG, creating parent folders; written to a temporary name first, then renamed."""
     path = Path(path)

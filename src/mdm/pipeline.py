@@ -155,7 +155,7 @@ class MDMPipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds/prompt_mask instead of prompt")
         emb, mask = self.text_encoder.encode(prompts)
-        return Conditioning(text=emb.to(self.device), text_mask=mask.to(self.device))
+        return Conditioning(text=emb, text_mask=mask).to(self.device, self.dtype)
 
     def _conditions(
         self,
@@ -194,10 +194,7 @@ class MDMPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             cond = self._text([p for p in prompts for _ in range(per_prompt)])
         elif prompt_embeds is not None:
-            cond = Conditioning(
-                text=prompt_embeds.to(self.device, self.dtype),
-                text_mask=None if prompt_mask is None else prompt_mask.to(self.device),
-            )
+            cond = Conditioning(text=prompt_embeds, text_mask=prompt_mask).to(self.device, self.dtype)
             cond = cond.select(torch.arange(cond.batch_size).repeat_interleave(per_prompt))
         else:
             raise ValueError("this model is text-conditional: pass prompt or prompt_embeds")
@@ -205,10 +202,7 @@ class MDMPipeline:
             return cond, None
         n = cond.batch_size
         if negative_prompt_embeds is not None:
-            neg = Conditioning(
-                text=negative_prompt_embeds.to(self.device, self.dtype),
-                text_mask=None if negative_prompt_mask is None else negative_prompt_mask.to(self.device),
-            )
+            neg = Conditioning(text=negative_prompt_embeds, text_mask=negative_prompt_mask).to(self.device, self.dtype)
         else:
             negs = (
                 [negative_prompt or ""]
