@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from mdm.config import ConfigError, load_preset
-from mdm.images import level_strip, save_png
+from mdm.config import ConfigError, MDMConfig, list_presets, load_config, load_preset
+from mdm.images import level_strip, sample_grid, save_png
+from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -57,8 +58,9 @@ def _sample(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     kwargs: dict = {}
     if args.labels is not None:
-        kwargs["class_labels"] = args.labels
-        titles = [f"class{label}" for label in args.labels for _ in range(args.num)]
+        labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels]
+        kwargs["class_labels"] = labels
+        titles = [str(label).replace(" ", "-") for label in labels for _ in range(args.num)]
     elif args.prompt_embeds is not None:
         kwargs["prompt_embeds"], kwargs["prompt_mask"] = _read_embeds(args.prompt_embeds)
         if args.negative_embeds is not None:
@@ -83,23 +85,62 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mdm.models.unet import NestedUNet
-    from mdm.pipeline import MDMPipeline
+def _load_run_config(args: argparse.Namespace) -> MDMConfig:
+    """--preset / --config with --set overrides; on --resume without either, the run directory's config."""
+    if args.preset and args.config:
+        raise ConfigError("give --preset or --config, not both")
+    overrides = list(args.set or [])
+    if args.init_inner_from:
+        overrides.append(f"train.init_inner_from={args.init_inner_from}")
+    if args.preset:
+        return load_preset(args.preset, overrides)
+    if args.config:
+        return load_config(args.config, overrides)
+    saved = Path(args.out) / "config.yaml"
+    if args.resume and saved.is_file():
+        return load_config(saved, overrides)
+    raise ConfigError(f"give --preset NAME (one of {', '.join(list_presets())}) or --config FILE")
 
-    torch.manual_seed(args.seed)
-    cfg = load_preset("demo")
-    pipe = MDMPipeline(NestedUNet(cfg.model).eval(), cfg)
-    model_dir = pipe.save_pretrained(Path(args.out) / "final")
-    labels = list(range(cfg.model.num_classes))
-    out = pipe(
+
+def _train(args: argparse.Namespace) -> int:
+    from mdm.train.trainer import Trainer
+
+    cfg = _load_run_config(args)
+    trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
+    try:
+        final = trainer.fit(max_steps=args.max_steps)
+    finally:
+        from mdm.train.distributed import cleanup
+
+        cleanup()
+    if trainer.env.is_main:
+        if final is None:
+            print(f"stopped at step {trainer.step}; continue with: mdm train --out {args.out} --resume latest")
+        else:
+            out = Path(args.out)
+            print(f"trained model: {final}\nsamples: {out / 'samples'}\nloss curve: {out / 'loss.png'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mdm.pipeline import MDMPipeline
+    from mdm.train.trainer import Trainer
+
+    out = Path(args.out)
+    cfg = load_preset("demo", list(args.set or []))
+    final = Trainer(cfg, out, resume="latest" if (out / "checkpoints" / "latest").exists() else None).fit()
+    pipe = MDMPipeline.from_pretrained(final)
+    labels = [c for c in range(cfg.model.num_classes) for _ in range(args.per_class)]
+    result = pipe(
         class_labels=labels,
         num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
         output_type="pt",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    paths = write_samples(out.levels, Path(args.out) / "samples", "", [f"class{c}" for c in labels])
-    print(f"untrained demo model saved to {model_dir}; {len(paths)} sample PNGs in {paths[0].parent}")
+    names = [pipe.config.model.class_names[c] for c in labels]
+    grid = save_png(sample_grid(result.levels, names, ncols=2 * args.per_class), out / "demo_samples.png")
+    print(f"trained demo model: {final}\nsamples (every class, all levels): {grid}\nloss curve: {out / 'loss.png'}")
     return 0
 
 
@@ -127,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample a model directory; one PNG per sample, all levels side by side")
     s.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
-    s.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (class models)")
+    s.add_argument("--labels", nargs="+", default=None, help="class indices or names, e.g. 3 'red circle'")
     s.add_argument("--prompt-embeds", default=None, help="safetensors with 'text' (B,S,D) and 'mask' (B,S)")
     s.add_argument("--negative-embeds", default=None, help="safetensors with the unconditional text")
     s.add_argument("--num", type=int, default=1, help="images per label / prompt")
@@ -142,9 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_sample)
 
-    d = sub.add_parser("demo", help="build the tiny demo model and write a sample PNG per class")
+    t = sub.add_parser("train", help="train a model (multi-GPU / multi-node: torchrun ... -m mdm train ...)")
+    t.add_argument("--preset", default=None, help=f"shipped preset: {', '.join(list_presets())}")
+    t.add_argument("--config", default=None, help="config YAML")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4")
+    t.add_argument("--out", default="runs/train", help="run directory")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    t.add_argument("--init-inner-from", default=None, help="model directory whose weights seed the inner levels")
+    t.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this step")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("demo", help="train the tiny demo model on built-in shapes and write samples per class")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=25)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config value")
+    d.add_argument("--steps", type=int, default=25, help="sampling steps")
+    d.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    d.add_argument("--per-class", type=int, default=4, help="samples per class")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
     return p
@@ -157,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, TrainingError, NonFiniteWeightsError) as e:
         print(f"mdm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

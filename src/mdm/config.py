@@ -80,6 +80,9 @@ class ModelConfig:
     out_channels: int = field(default=3, metadata={"help": "prediction channels"})
     text_dim: int = field(default=0, metadata={"help": "width of the text-encoder features (0 = no text)"})
     num_classes: int = field(default=0, metadata={"help": "class-conditional: number of classes (0 = none)"})
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "a name per class, for `class_labels` given as text and for titles"}
+    )
     fp32_islands: bool = field(
         default=True,
         metadata={"help": "time frequencies, attention softmax and x2 upsampling in float32, as ml-mdm does"},
@@ -148,12 +151,93 @@ class TextConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training images come from and how they are read."""
+
+    dataset: Literal["shapes"] = field(default="shapes", metadata={"help": "built-in procedural shapes"})
+    num_samples: int = field(default=100_000, metadata={"help": "shapes: images per epoch (any size works)"})
+    shapes: list[str] = field(
+        default_factory=lambda: ["circle", "square", "triangle", "cross"],
+        metadata={"help": "shapes: the shape vocabulary; class = shape x colour"},
+    )
+    colors: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue"], metadata={"help": "shapes: the colour vocabulary"}
+    )
+    seed: int = field(default=0, metadata={"help": "data seed: the images and the shuffling order"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank"})
+
+
+@dataclass
+class PhaseConfig:
+    """One stage of progressive training: the innermost `levels` levels, trained for `steps` steps."""
+
+    levels: int = field(default=1, metadata={"help": "how many levels (from the lowest) this phase trains"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps in this phase"})
+    freeze_inner_steps: int = field(
+        default=0, metadata={"help": "keep the levels carried over from the previous phase fixed this long"}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "per-process micro-batch (None = train's)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate of this phase (None = train's)"})
+    mixed_ratio: list[float] | None = field(
+        default=None, metadata={"help": "mixed-resolution ratio for this phase (None = the diffusion one)"}
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: optimizer, schedule, EMA, precision, phases, checkpoints and logging."""
+
+    batch_size: int = field(default=32, metadata={"help": "micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps: int = field(default=10_000, metadata={"help": "optimizer steps when no phases are listed"})
+    phases: list[PhaseConfig] = field(
+        default_factory=list, metadata={"help": "progressive phases, lowest resolution first (empty = all levels)"}
+    )
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    warmup_steps: int = field(default=10_000, metadata={"help": "linear LR warm-up per phase"})
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "after warm-up: constant, or cosine decay to min_lr_ratio * lr"}
+    )
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine: final LR as a fraction of lr"})
+    grad_clip: float = field(default=2.0, metadata={"help": "clip the global gradient norm (0 = off)"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the weights"})
+    ema_warmup: bool = field(
+        default=False, metadata={"help": "EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n"}
+    )
+    mixed_precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "auto: bf16 autocast on GPU, fp32 on CPU"}
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
+    strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "multi-process wrapping"})
+    grow_from: Literal["ema", "raw"] = field(
+        default="ema", metadata={"help": "which weights of the previous phase seed the inner network"}
+    )
+    init_inner_from: str | None = field(
+        default=None, metadata={"help": "model directory whose weights seed the inner levels of the first phase"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, noise, timesteps and dropout"})
+    log_every: int = field(default=10, metadata={"help": "log.jsonl / TensorBoard interval in steps"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "checkpoint interval in steps (0 = phase ends)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "how many checkpoints to keep"})
+    sample_every: int = field(default=0, metadata={"help": "sample PNG interval in steps (0 = phase ends only)"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the training samples"})
+    sample_guidance: float = field(default=3.0, metadata={"help": "guidance scale of the training samples"})
+    sample_count: int = field(default=12, metadata={"help": "images in each sample grid"})
+    max_nonfinite: int = field(default=20, metadata={"help": "stop after this many non-finite losses in a row"})
+
+
+@dataclass
 class MDMConfig:
     """Everything a model directory or a run needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, source: str = "<config>") -> MDMConfig:
         """Check every cross-field constraint; returns self so calls chain."""
@@ -391,6 +475,13 @@ def validate(cfg: MDMConfig, source: str = "<config>") -> None:
         "model.unet...text_proj_dim",
         "must be >= 0",
     )
+    if m.class_names is not None:
+        _check(
+            len(m.class_names) == m.num_classes,
+            source,
+            "model.class_names",
+            f"needs one name per class ({m.num_classes}), got {len(m.class_names)}",
+        )
     if m.num_classes > 0:
         _check(
             m.context_dim() > 0,
@@ -427,6 +518,48 @@ def validate(cfg: MDMConfig, source: str = "<config>") -> None:
     _check(0 < d.beta_start < d.beta_end < 1, source, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
     _check(d.logsnr_min < d.logsnr_max, source, "diffusion.logsnr_min", "must be below logsnr_max")
     _check(cfg.text.max_length > 0, source, "text.max_length", "must be positive")
+    _validate_train(cfg, source)
+
+
+def _validate_train(cfg: MDMConfig, source: str) -> None:
+    """Training and data settings: positive sizes, phases that grow one level at a time."""
+    tr, data = cfg.train, cfg.data
+    n_levels = len(cfg.model.unet.levels())
+    for name in ("batch_size", "grad_accum", "steps", "keep_checkpoints", "max_nonfinite", "sample_steps"):
+        _check(getattr(tr, name) >= 1, source, f"train.{name}", f"must be >= 1, got {getattr(tr, name)}")
+    for name in ("warmup_steps", "log_every", "checkpoint_every", "sample_every", "sample_count"):
+        _check(getattr(tr, name) >= 0, source, f"train.{name}", f"must be >= 0, got {getattr(tr, name)}")
+    _check(tr.lr > 0, source, "train.lr", f"must be positive, got {tr.lr}")
+    _check(
+        len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), source, "train.betas", "needs two values in [0, 1)"
+    )
+    _check(0 <= tr.ema_decay < 1, source, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
+    _check(0 <= tr.min_lr_ratio <= 1, source, "train.min_lr_ratio", "must be in [0, 1]")
+    _check(tr.grad_clip >= 0, source, "train.grad_clip", "must be >= 0")
+    _check(tr.log_every > 0, source, "train.log_every", "must be positive")
+    prev = 0
+    for i, ph in enumerate(tr.phases):
+        key = f"train.phases[{i}]"
+        _check(
+            prev < ph.levels <= n_levels,
+            source,
+            f"{key}.levels",
+            f"= {ph.levels} must grow from the previous phase ({prev}) and be at most the model's {n_levels} levels",
+        )
+        _check(ph.steps >= 1, source, f"{key}.steps", "must be >= 1")
+        _check(0 <= ph.freeze_inner_steps <= ph.steps, source, f"{key}.freeze_inner_steps", "must be in [0, steps]")
+        _check(ph.batch_size is None or ph.batch_size >= 1, source, f"{key}.batch_size", "must be >= 1")
+        _check(ph.lr is None or ph.lr > 0, source, f"{key}.lr", "must be positive")
+        if ph.mixed_ratio is not None:
+            _check(
+                len(ph.mixed_ratio) == ph.levels and all(r > 0 for r in ph.mixed_ratio),
+                source,
+                f"{key}.mixed_ratio",
+                f"needs {ph.levels} positive parts (highest level first), got {ph.mixed_ratio}",
+            )
+        prev = ph.levels
+    _check(data.num_samples >= 1, source, "data.num_samples", "must be >= 1")
+    _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -48,3 +48,19 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     image.save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def sample_grid(levels: list[torch.Tensor], titles: list[str], ncols: int = 4) -> Image.Image:
+    """A titled cell per sample, each cell every level side by side (highest first), upscaled to >= 128 px."""
+    scale = max(1, 128 // levels[0].shape[-1])
+    labels = [f"{lv.shape[-1]}px" for lv in levels]
+    strips = level_strip([F.interpolate(lv.float(), scale_factor=scale, mode="nearest") for lv in levels], labels)
+    w, h = strips[0].width, strips[0].height + 12
+    nrows = -(-len(strips) // ncols)
+    canvas = Image.new("RGB", (ncols * (w + 4), nrows * (h + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (strip, title) in enumerate(zip(strips, titles, strict=True)):
+        x, y = (i % ncols) * (w + 4), (i // ncols) * (h + 4)
+        draw.text((x + 2, y), title, fill="black")
+        canvas.paste(strip, (x, y + 12))
+    return canvas

@@ -157,9 +157,24 @@ class MDMPipeline:
         emb, mask = self.text_encoder.encode(prompts)
         return Conditioning(text=emb, text_mask=mask).to(self.device, self.dtype)
 
+    def label_ids(self, class_labels: list[int | str] | torch.Tensor | int | str) -> list[int] | torch.Tensor:
+        """Class indices from indices or names (`model.class_names`, e.g. 'red circle')."""
+        if isinstance(class_labels, torch.Tensor):
+            return class_labels
+        items = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        names = self.config.model.class_names or []
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"unknown class name {item!r}; this model's classes: {names or 'unnamed'}")
+                item = names.index(item)
+            out.append(item)
+        return out
+
     def _conditions(
         self,
-        class_labels: list[int] | torch.Tensor | None,
+        class_labels: list[int | str] | torch.Tensor | None,
         prompt: str | list[str] | None,
         prompt_embeds: torch.Tensor | None,
         prompt_mask: torch.Tensor | None,
@@ -181,7 +196,7 @@ class MDMPipeline:
         if class_labels is not None:
             if m.num_classes == 0:
                 raise ValueError("this model is text-conditional: pass prompt or prompt_embeds")
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            labels = torch.as_tensor(self.label_ids(class_labels), dtype=torch.long).reshape(-1)
             if labels.min() < 0 or labels.max() >= m.num_classes:
                 raise ValueError(f"class_labels must be in [0, {m.num_classes}), got {labels.tolist()}")
             labels = labels.repeat_interleave(per_prompt).to(self.device)
@@ -226,7 +241,7 @@ class MDMPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: list[int] | torch.Tensor | None = None,
+        class_labels: list[int | str] | torch.Tensor | None = None,
         prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,

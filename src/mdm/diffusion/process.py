@@ -92,12 +92,14 @@ def mixed_fractions(ratio: list[float]) -> list[float]:
 
 @dataclass
 class LossOutput:
-    """Per-sample loss (B,), per-level per-sample MSE (L, B), the drawn network time input and noise levels."""
+    """Per-sample loss (B,), per-level per-sample MSE (L, B), the network time input, noise levels, and how
+    many leading rows each level processed (all of them unless the batch is mixed-resolution)."""
 
     loss: torch.Tensor
     level_mse: torch.Tensor
     t: torch.Tensor
     gammas: torch.Tensor
+    rows: list[int]
 
 
 class MultiLevelDiffusion:
@@ -175,4 +177,4 @@ class MultiLevelDiffusion:
                 total = total + weights[i] * mse / fractions[i] * keep
             else:
                 total = total + 0.0 * p.mean()
-        return LossOutput(loss=total, level_mse=torch.stack(level_mse), t=t, gammas=gam)
+        return LossOutput(loss=total, level_mse=torch.stack(level_mse), t=t, gammas=gam, rows=rows)

@@ -92,3 +92,20 @@ def concat(conds: list[Conditioning]) -> Conditioning:
 def null_labels(batch: int, num_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The reserved null class (index num_classes) for the unconditional branch and condition dropout."""
     return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+
+
+def drop(cond: Conditioning, rows: torch.Tensor, null: Conditioning) -> Conditioning:
+    """Classifier-free-guidance dropout: rows where `rows` (B,) is True get the null condition instead.
+
+    `null` is one row: the null class, or the encoded empty caption (the same the sampler feeds to the
+    unconditional branch). Text is padded to the longer of the two sequences.
+    """
+    if cond.batch_size is None or not bool(rows.any()):
+        return cond
+    if null.batch_size != 1:
+        raise ValueError("the null condition must be a single row")
+    batch = cond.batch_size
+    both = concat([cond, *[null.to(rows.device)] * batch])
+    out = both.select(torch.arange(batch, device=rows.device) + batch * rows.long())
+    out.micro = dict(cond.micro)
+    return out

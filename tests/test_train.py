@@ -1,0 +1,352 @@
+"""The trainer: exact resume, progressive growth, dropout, accumulation, NaN handling, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mdm.config import ConfigError, PhaseConfig, config_from_dict, to_dict
+from mdm.diffusion.process import MultiLevelDiffusion, build_pyramid
+from mdm.models.conditioning import Conditioning
+from mdm.models.unet import NestedUNet
+from mdm.pipeline import MDMPipeline
+from mdm.train import checkpoint
+from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
+from mdm.train.ema import EMA
+from mdm.train.trainer import Trainer, load_inner, phase_config
+from tests.conftest import tiny_config
+
+
+def train_config(phases: list[tuple[int, int]] | None = ((1, 3), (2, 3)), **train: object):
+    """A 16/8 px class-conditional model on 4 shape classes, trained a few steps."""
+    cfg = tiny_config(levels=2, text_dim=0, num_classes=4)
+    cfg.data.shapes, cfg.data.colors = ["circle", "square"], ["red", "blue"]
+    cfg.data.num_samples = 64
+    t = cfg.train
+    t.batch_size, t.lr, t.warmup_steps, t.ema_decay, t.ema_warmup = 4, 1e-3, 2, 0.9, True
+    t.checkpoint_every, t.log_every, t.sample_count, t.sample_steps = 100, 1, 2, 2
+    t.phases = [PhaseConfig(levels=n, steps=s) for n, s in phases] if phases else []
+    t.steps = 3
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg.validate("test")
+
+
+def weights(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    ck = run / "checkpoints" / f"step_{step:07d}"
+    return {"model": load_file(ck / "model.safetensors"), "ema": load_file(ck / "ema.safetensors")}
+
+
+def assert_equal_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 3), (2, 4)), keep_checkpoints=10)
+    cfg.train.phases[1].freeze_inner_steps = 1
+    final = Trainer(cfg, tmp_path / "a", progress=False).fit()
+    assert final == tmp_path / "a" / "final"
+    assert Trainer(cfg, tmp_path / "b", progress=False).fit(max_steps=5) is None
+    assert checkpoint.resolve(tmp_path / "b").name == "step_0000005"
+    Trainer(cfg, tmp_path / "b", resume="latest", progress=False).fit()
+    a, b = weights(tmp_path / "a", 7), weights(tmp_path / "b", 7)
+    for part in ("model", "ema"):
+        assert_equal_states(a[part], b[part])
+    opt_a = torch.load(tmp_path / "a/checkpoints/step_0000007/optimizer.pt", weights_only=True)
+    opt_b = torch.load(tmp_path / "b/checkpoints/step_0000007/optimizer.pt", weights_only=True)
+    for name, st in opt_a["state"].items():
+        assert torch.equal(st["exp_avg_sq"], opt_b["state"][name]["exp_avg_sq"])
+    assert_equal_states(
+        load_file(tmp_path / "a/final/model.safetensors"), load_file(tmp_path / "b/final/model.safetensors")
+    )
+    state = json.loads((tmp_path / "b/checkpoints/step_0000007/state.json").read_text())
+    assert state["position"] == 7 * 4 and state["phase"] == 1
+    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a/log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x)["loss"] for x in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert log_a == log_b
+
+
+def test_run_outputs_model_samples_curve_and_phase_models(tmp_path: Path) -> None:
+    cfg = train_config()
+    Trainer(cfg, tmp_path, progress=False).fit()
+    for rel in ("config.yaml", "loss.png", "log.jsonl", "samples/step_0000003.png", "samples/step_0000006.png"):
+        assert (tmp_path / rel).is_file(), rel
+    base = MDMPipeline.from_pretrained(tmp_path / "phases/levels_1")
+    assert base.config.model.level_sizes() == [8]
+    pipe = MDMPipeline.from_pretrained(tmp_path / "final")
+    assert pipe.config.model.level_sizes() == [16, 8]
+    assert pipe.config.model.class_names == ["red circle", "blue circle", "red square", "blue square"]
+    out = pipe(class_labels=["blue square", 0], num_inference_steps=2, output_type="pt")
+    assert [lv.shape for lv in out.levels] == [(2, 3, 16, 16), (2, 3, 8, 8)]
+    assert torch.isfinite(out.levels[0]).all()
+    with pytest.raises(ValueError, match="unknown class name 'green square'"):
+        pipe(class_labels=["green square"], num_inference_steps=2)
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["level_sizes"] == [8] and records[-1]["level_sizes"] == [16, 8]
+    assert all(len(r["level_loss"]) == len(r["level_sizes"]) for r in records)
+    assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(1e-3)
+
+
+def test_growth_carries_inner_weights_and_keeps_base_loss(tmp_path: Path) -> None:
+    cfg = train_config()
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.fit(max_steps=3)
+    base_net = NestedUNet(trainer.sub.model)
+    base_net.load_state_dict(trainer.ema.state_dict())
+    trainer._enter_phase(1)
+    grown = trainer.net
+    for k, v in base_net.state_dict().items():
+        assert torch.equal(grown.inner_unet.state_dict()[k], v), k
+    assert set(trainer.carried) == {f"inner_unet.{k}" for k, _ in base_net.named_parameters()}
+
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = [torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 8, 8, generator=g)]
+    cond = Conditioning(labels=torch.tensor([0, 1, 2, 4]))
+    grown.eval()
+    base_net.eval()
+    two = MultiLevelDiffusion(trainer.sub.diffusion, [16, 8]).loss(grown, x, cond, t=t, noise=noise)
+    one = MultiLevelDiffusion(trainer.sub.diffusion, [8]).loss(
+        base_net, build_pyramid(x, [16, 8])[1], cond, t=t, noise=noise[1:]
+    )
+    torch.testing.assert_close(two.level_mse[1], one.level_mse[0], rtol=0, atol=0)
+
+
+def test_strict_inner_loading_names_the_keys(tmp_path: Path) -> None:
+    cfg = train_config()
+    grown = NestedUNet(cfg.model)
+    state = NestedUNet(phase_config(cfg, 1).model).state_dict()
+    bad = dict(state)
+    bad.pop("conv_in.bias")
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \(1\): \['conv_in.bias'\].*unexpected \(1\): \['extra.weight'\]"):
+        load_inner(grown, bad, 1, "ckpt")
+    wrong = dict(state)
+    wrong["conv_in.weight"] = torch.zeros(1, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"shape mismatch.*conv_in.weight"):
+        load_inner(grown, wrong, 1, "ckpt")
+    with pytest.raises(ValueError, match="cannot be the inner network"):
+        load_inner(grown, grown.state_dict(), 2, "ckpt")
+
+
+def test_separate_runs_grow_from_init_inner_from(tmp_path: Path) -> None:
+    Trainer(train_config(phases=((1, 3),)), tmp_path / "first", progress=False).fit()
+    base = load_file(tmp_path / "first/final/model.safetensors")
+    second = train_config(phases=((2, 2),), init_inner_from=str(tmp_path / "first/final"), seed=5)
+    trainer = Trainer(second, tmp_path / "second", progress=False)
+    trainer._enter_phase(0)
+    inner = trainer.net.inner_unet.state_dict()
+    assert_equal_states(base, {k: inner[k] for k in base})
+    assert len(trainer.carried) == len(base)
+    trainer.fit()
+    assert MDMPipeline.from_pretrained(tmp_path / "second/final").config.model.level_sizes() == [16, 8]
+
+    mismatched = tiny_config(levels=2, text_dim=0, num_classes=4)
+    mismatched.model.unet.inner.channels = [64, 64, 64]
+    mismatched.data.shapes, mismatched.data.colors = ["circle", "square"], ["red", "blue"]
+    mismatched.train.phases = [PhaseConfig(levels=2, steps=1)]
+    mismatched.train.init_inner_from = str(tmp_path / "first/final")
+    with pytest.raises(ValueError, match=r"first/final: weights do not fit the inner 1 level.*shape mismatch"):
+        Trainer(mismatched.validate(), tmp_path / "bad", progress=False).fit()
+    missing = train_config(phases=((2, 1),), init_inner_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere: --init-inner-from needs a model directory"):
+        Trainer(missing, tmp_path / "bad2", progress=False).fit()
+
+
+def test_condition_dropout_rate_matches_config(tmp_path: Path) -> None:
+    cfg = train_config()
+    cfg.diffusion.cond_drop_prob = 0.3
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer._enter_phase(0)
+    x = torch.zeros(4000, 3, 8, 8)
+    t, noise, dropped = trainer._draws(torch.arange(4000), x)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    assert t.min() >= 0 and t.max() <= 999 and noise[0].shape == (4000, 3, 8, 8)
+    assert abs(noise[0].std().item() - 1) < 0.01
+    batch = {"label": torch.arange(4000) % 4, "caption": [""] * 4000}
+    cond = trainer._condition(batch, dropped)
+    assert torch.equal(cond.labels[dropped], torch.full((int(dropped.sum()),), 4))
+    assert torch.equal(cond.labels[~dropped], batch["label"][~dropped])
+
+
+def record_grads(store: list[list[torch.Tensor]], real_step=torch.optim.AdamW.step):
+    """An AdamW.step replacement that appends every step's gradients to `store` before the real step."""
+
+    def step(self, *args, **kwargs):
+        store.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return real_step(self, *args, **kwargs)
+
+    return step
+
+
+def test_accumulation_equals_one_big_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grads: dict[str, list[list[torch.Tensor]]] = {}
+    for run, batch, accum in (("big", 8, 1), ("small", 2, 4)):
+        grads[run] = []
+        monkeypatch.setattr(torch.optim.AdamW, "step", record_grads(grads[run]))
+        cfg = train_config(phases=((2, 2),), batch_size=batch, grad_accum=accum)
+        Trainer(cfg, tmp_path / run, progress=False).fit()
+    assert len(grads["big"]) == len(grads["small"]) == 2
+    for step_a, step_b in zip(grads["big"], grads["small"], strict=True):
+        for ga, gb in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
+    a, b = weights(tmp_path / "big", 2), weights(tmp_path / "small", 2)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "big/log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "small/log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def _nan_at(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
+    original = MultiLevelDiffusion.loss
+    count = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] in calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiLevelDiffusion, "loss", loss)
+
+
+def test_injected_nan_is_skipped_and_never_checkpointed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = train_config(phases=((1, 4),), checkpoint_every=1, keep_checkpoints=10)
+    _nan_at(monkeypatch, {3})
+    Trainer(cfg, tmp_path, progress=False).fit()
+    w2, w3 = weights(tmp_path, 2), weights(tmp_path, 3)
+    assert_equal_states(w2["model"], w3["model"])
+    assert_equal_states(w2["ema"], w3["ema"])
+    for step in range(1, 5):
+        for part in weights(tmp_path, step).values():
+            assert all(torch.isfinite(v).all() for v in part.values())
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in records] == [0, 0, 1, 1]
+    assert "loss" not in records[2]
+
+
+def test_many_nonfinite_steps_stop_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = train_config(phases=((1, 10),), max_nonfinite=3)
+    _nan_at(monkeypatch, set(range(1, 100)))
+    with pytest.raises(TrainingError, match=r"3 non-finite losses or gradients in a row at step 2"):
+        Trainer(cfg, tmp_path, progress=False).fit()
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_nonfinite_weights_are_never_written(tmp_path: Path) -> None:
+    good = {"w": torch.ones(2)}
+    with pytest.raises(NonFiniteWeightsError, match=r"EMA model.*'w'"):
+        checkpoint.save(tmp_path, 1, good, {"w": torch.tensor([1.0, float("inf")])}, {}, {}, {}, keep=2)
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = train_config(phases=((1, 4),), checkpoint_every=2)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.fit(max_steps=2)
+    real_save = torch.save
+
+    def crash(obj, path, *args, **kwargs):
+        if str(path).endswith("rng.pt"):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = checkpoint.resolve(tmp_path)
+    assert latest.name == "step_0000002"
+    ck = checkpoint.load(latest)
+    assert ck.state["step"] == 2 and ck.state["position"] == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "latest",
+        "step_0000002",
+    ]
+    Trainer(cfg, tmp_path, resume="latest", progress=False).fit()
+    assert checkpoint.resolve(tmp_path).name == "step_0000004"
+    assert not list((tmp_path / "checkpoints").glob(".step_*"))
+
+
+def test_rotation_keeps_newest(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 5),), checkpoint_every=1, keep_checkpoints=2)
+    Trainer(cfg, tmp_path, progress=False).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000005"]
+    assert checkpoint.resolve(tmp_path).name == "step_0000005"
+
+
+def test_run_dir_guards(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 2),))
+    Trainer(cfg, tmp_path, progress=False).fit()
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        Trainer(cfg, tmp_path, progress=False)
+    changed = train_config(phases=((1, 2),))
+    changed.diffusion.shift_power = 2.0
+    with pytest.raises(TrainingError, match=r"changed: \['diffusion.shift_power'\]"):
+        Trainer(changed, tmp_path, resume="latest", progress=False)
+    shorter = train_config(phases=((1, 1),))
+    with pytest.raises(TrainingError, match="past the end of the configured phases"):
+        Trainer(shorter, tmp_path, resume="latest", progress=False).fit()
+    other_levels = train_config(phases=((2, 2),))
+    with pytest.raises(TrainingError, match=r"checkpoint levels \[8\] differ from phase 0's \[16, 8\]"):
+        Trainer(other_levels, tmp_path, resume="latest", progress=False).fit()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        Trainer(cfg, tmp_path / "empty", resume="latest", progress=False)
+    wrong = train_config(phases=((1, 2),))
+    wrong.data.colors = ["red", "blue", "green"]
+    with pytest.raises(ValueError, match="num_classes = 4 but the shapes dataset has 6"):
+        Trainer(wrong, tmp_path / "w", progress=False)
+
+
+def test_lr_schedule_warmup_and_cosine(tmp_path: Path) -> None:
+    cfg = train_config(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1, lr=1.0)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert [trainer._lr(s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert trainer._lr(4, 14) == pytest.approx(1.0)
+    assert trainer._lr(9, 14) == pytest.approx(0.55)
+    assert trainer._lr(14, 14) == pytest.approx(0.1)
+
+
+def test_ema_update_and_warmup() -> None:
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, decay=0.99, warmup=True)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert ema.current_decay() == pytest.approx(0.1)
+    ema.update()
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.1 * before + 0.9 * net.weight.detach())
+    plain = EMA(net, decay=0.99)
+    assert plain.current_decay() == 0.99
+    with pytest.raises(ValueError, match="missing"):
+        plain.load_state_dict({}, 0)
+
+
+def test_train_config_validation() -> None:
+    data = to_dict(train_config())
+    data["train"]["phases"] = [{"levels": 2, "steps": 2}, {"levels": 1, "steps": 2}]
+    with pytest.raises(ConfigError, match=r"train.phases\[1\].levels"):
+        config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 3, "steps": 2}]
+    with pytest.raises(ConfigError, match="at most the model's 2 levels"):
+        config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 2, "steps": 2, "mixed_ratio": [1, 2, 3]}]
+    with pytest.raises(ConfigError, match="mixed_ratio"):
+        config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 2, "steps": 2, "freeze_inner_steps": 3}]
+    with pytest.raises(ConfigError, match="freeze_inner_steps"):
+        config_from_dict(data)
+    data["train"]["phases"] = []
+    data["train"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        config_from_dict(data)
