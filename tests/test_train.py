@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatc
     monkeypatch.setattr(torch, "save", real_save)
     latest = checkpoint.resolve(tmp_path)
     assert latest.name == "step_0000002"
+    logged = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4], "steps 3-4 ran and were logged before the crash"
     ck = checkpoint.load(latest)
     assert ck.state["step"] == 2 and ck.state["position"] == 8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
@@ -275,6 +278,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatc
     ]
     Trainer(cfg, tmp_path, resume="latest", progress=False).fit()
     assert checkpoint.resolve(tmp_path).name == "step_0000004"
+    logged = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4], "the resumed run replaced the records after its checkpoint"
     assert not list((tmp_path / "checkpoints").glob(".step_*"))
 
 
@@ -300,6 +305,9 @@ def test_run_dir_guards(tmp_path: Path) -> None:
     other_levels = train_config(phases=((2, 2),))
     with pytest.raises(TrainingError, match=r"checkpoint levels \[8\] differ from phase 0's \[16, 8\]"):
         Trainer(other_levels, tmp_path, resume="latest", progress=False).fit()
+    moved = train_config(phases=((1, 1), (2, 3)))
+    with pytest.raises(TrainingError, match=r"train.phases changed: step 2 was in phase 0"):
+        Trainer(moved, tmp_path, resume="latest", progress=False).fit()
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         Trainer(cfg, tmp_path / "empty", resume="latest", progress=False)
     wrong = train_config(phases=((1, 2),))
@@ -350,3 +358,78 @@ def test_train_config_validation() -> None:
     data["train"]["batch_size"] = 0
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
         config_from_dict(data)
+
+
+class HashText:
+    """A deterministic stand-in text encoder: one 8-wide token per word, from the word's bytes."""
+
+    dim = 8
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        words = [p.split() or [""] for p in prompts]
+        length = max(len(w) for w in words)
+        emb, mask = torch.zeros(len(prompts), length, self.dim), torch.zeros(len(prompts), length)
+        for i, ws in enumerate(words):
+            for j, w in enumerate(ws):
+                g = torch.Generator().manual_seed(sum(w.encode()) + 1000 * len(w))
+                emb[i, j], mask[i, j] = torch.randn(self.dim, generator=g), 1
+        return emb, mask
+
+
+def test_text_model_trains_on_captions_and_drops_to_the_empty_caption(tmp_path: Path) -> None:
+    cfg = tiny_config(levels=2, text_dim=8, num_classes=0)
+    cfg.data.num_samples = 32
+    cfg.diffusion.cond_drop_prob = 0.5
+    t = cfg.train
+    t.batch_size, t.warmup_steps, t.sample_count, t.sample_steps, t.log_every = 4, 1, 2, 2, 1
+    t.phases = [PhaseConfig(levels=1, steps=2), PhaseConfig(levels=2, steps=2)]
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        Trainer(cfg, tmp_path / "x", progress=False)
+    trainer = Trainer(cfg, tmp_path / "run", text_encoder=HashText(), progress=False)
+    trainer._enter_phase(0)
+    batch = next(trainer._batches)
+    _, _, dropped = trainer._draws(batch["position"], batch["image"])
+    cond = trainer._condition(batch, dropped)
+    empty, _ = HashText().encode([""])
+    for i, caption in enumerate(batch["caption"]):
+        if dropped[i]:
+            assert torch.equal(cond.text[i, :1], empty[0]) and cond.text_mask[i].sum() == 1
+        else:
+            emb, mask = HashText().encode([caption])
+            assert torch.equal(cond.text[i, : emb.shape[1]], emb[0]) and cond.text_mask[i].sum() == mask.sum()
+    assert dropped.any() and not dropped.all()
+    final = Trainer(cfg, tmp_path / "run2", text_encoder=HashText(), progress=False).fit()
+    assert (tmp_path / "run2/samples/step_0000004.png").is_file()
+    pipe = MDMPipeline.from_pretrained(final)
+    assert pipe.config.model.level_sizes() == [16, 8] and pipe.config.model.text_dim == 8
+
+
+def test_resave_of_an_older_step_drops_the_abandoned_newer_ones(tmp_path: Path) -> None:
+    w = {"w": torch.ones(1)}
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, w, w, {}, {}, {}, keep=5)
+    checkpoint.save(tmp_path, 2, {"w": torch.zeros(1)}, w, {}, {}, {}, keep=5)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert checkpoint.resolve(tmp_path).name == "step_0000002"
+    assert checkpoint.load(checkpoint.resolve(tmp_path)).model["w"].item() == 0
+    assert not list((tmp_path / "checkpoints").glob(".*"))
+
+
+def test_resume_repairs_torn_log_and_missing_phase_outputs(tmp_path: Path) -> None:
+    cfg = train_config()
+    Trainer(cfg, tmp_path, progress=False).fit(max_steps=3)
+    shutil.rmtree(tmp_path / "phases")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    Trainer(cfg, tmp_path, resume="latest", progress=False).fit()
+    assert (tmp_path / "phases/levels_1/model.safetensors").is_file()
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mixed_ratio_must_leave_every_level_rows() -> None:
+    data = to_dict(train_config())
+    data["train"]["phases"] = [{"levels": 2, "steps": 2, "batch_size": 2, "mixed_ratio": [1, 3]}]
+    with pytest.raises(ConfigError, match=r"phases\[0\].batch_size' = 2 gives level 0 of the mixed ratio"):
+        config_from_dict(data)
+    data["train"]["phases"][0]["batch_size"] = 4
+    config_from_dict(data)

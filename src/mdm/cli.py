@@ -99,12 +99,16 @@ def _load_run_config(args: argparse.Namespace) -> MDMConfig:
     saved = Path(args.out) / "config.yaml"
     if args.resume and saved.is_file():
         return load_config(saved, overrides)
+    if args.resume:
+        raise ConfigError(f"no run at {args.out} ({saved} is missing); give --out RUN_DIR, --preset or --config")
     raise ConfigError(f"give --preset NAME (one of {', '.join(list_presets())}) or --config FILE")
 
 
 def _train(args: argparse.Namespace) -> int:
     from mdm.train.trainer import Trainer
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = _load_run_config(args)
     trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
     try:
@@ -124,11 +128,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from mdm.pipeline import MDMPipeline
+    from mdm.train.distributed import cleanup
     from mdm.train.trainer import Trainer
 
     out = Path(args.out)
     cfg = load_preset("demo", list(args.set or []))
-    final = Trainer(cfg, out, resume="latest" if (out / "checkpoints" / "latest").exists() else None).fit()
+    trainer = Trainer(cfg, out, resume="latest" if (out / "checkpoints" / "latest").exists() else None)
+    try:
+        final = trainer.fit()
+    finally:
+        cleanup()
+    if not trainer.env.is_main:
+        return 0
     pipe = MDMPipeline.from_pretrained(final)
     labels = [c for c in range(cfg.model.num_classes) for _ in range(args.per_class)]
     result = pipe(

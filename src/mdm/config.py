@@ -557,6 +557,20 @@ def _validate_train(cfg: MDMConfig, source: str) -> None:
                 f"{key}.mixed_ratio",
                 f"needs {ph.levels} positive parts (highest level first), got {ph.mixed_ratio}",
             )
+        ratio = ph.mixed_ratio
+        if ratio is None and cfg.diffusion.mixed_ratio is not None and ph.levels > 1:
+            ratio = cfg.diffusion.mixed_ratio[n_levels - ph.levels :]
+        if ratio is not None:
+            batch = ph.batch_size or tr.batch_size
+            total, acc = sum(ratio), 0.0
+            for j, part in enumerate(ratio[:-1]):
+                acc += part
+                _check(
+                    int(acc / total * batch) >= 1,
+                    source,
+                    f"{key}.batch_size",
+                    f"= {batch} gives level {j} of the mixed ratio {ratio} no rows; raise the batch size",
+                )
         prev = ph.levels
     _check(data.num_samples >= 1, source, "data.num_samples", "must be >= 1")
     _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
@@ -587,8 +601,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> MDMConf
 
 
 def save_config(cfg: MDMConfig, path: str | Path) -> None:
-    """Write the full resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the full resolved config as YAML (to a temporary name, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
 
 
 def list_presets() -> list[str]:

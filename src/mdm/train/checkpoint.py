@@ -83,7 +83,7 @@ def save(
     _check_finite(ema, "the EMA model")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*.tmp-*"):
+    for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
@@ -95,10 +95,18 @@ def save(
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     final = root / name
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic_text(root / LATEST, name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        aside = root / f".{name}.old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _write_atomic_text(root / LATEST, name + "\n")
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+        _write_atomic_text(root / LATEST, name + "\n")
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    abandoned = [p for p in steps if p.name > name]
+    kept = [p for p in steps if p.name <= name]
+    for old in abandoned + kept[:-keep]:
         shutil.rmtree(old)
     return final
 

@@ -7,6 +7,7 @@ single-process training runs the same code. Backends: nccl on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,21 @@ def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return values
+
+
+def on_main(env: DistEnv, fn: Callable[[], object]) -> None:
+    """Run `fn` on rank 0 while the others wait; a failure there is raised on every rank instead of hanging."""
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            fn()
+        except BaseException as e:
+            error = e
+    failed = all_reduce(torch.tensor([float(error is not None)], device=env.device), op="max")
+    if error is not None:
+        raise error
+    if bool(failed):
+        raise RuntimeError("rank 0 failed while writing outputs; see its log")
 
 
 def wrap(net: nn.Module, env: DistEnv, strategy: str, blocks: list[nn.Module]) -> nn.Module:

@@ -39,6 +39,7 @@ from mdm.train.checkpoint import TrainingError
 from mdm.train.ema import EMA
 
 log = logging.getLogger(__name__)
+SPEED_ONLY = {"num_workers"}  # data keys that a resumed run may change
 
 
 def phase_config(config: MDMConfig, levels: int, mixed_ratio: list[float] | None = None) -> MDMConfig:
@@ -88,6 +89,14 @@ def load_inner(net: NestedUNet, state: dict[str, torch.Tensor], levels: int, sou
     target.load_state_dict(state, strict=True)
     prefix = "inner_unet." * depth
     return [prefix + k for k, _ in target.named_parameters()]
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _mix(seed: int, position: int) -> int:
@@ -150,7 +159,8 @@ class Trainer:
         self.streak = 0
         self.net: NestedUNet | None = None
         self._resume = checkpoint.resolve(self.out, resume) if resume else None
-        self._source_levels(0)
+        if self._resume is None:
+            self._source_levels(0)
         self._check_run_dir()
         self._tb = None
         self._window: dict[str, float] = {}
@@ -167,15 +177,18 @@ class Trainer:
                     f"{section}.{k}"
                     for section in ("model", "diffusion", "data")
                     for k in new[section]
-                    if old[section].get(k) != new[section][k]
+                    if old[section].get(k) != new[section][k] and k not in SPEED_ONLY
                 ]
                 if diff:
                     raise TrainingError(f"{saved}: cannot resume with a different config; changed: {diff}")
         elif (self.out / "checkpoints" / checkpoint.LATEST).exists():
             raise TrainingError(f"{self.out} already holds checkpoints: pass --resume latest or choose another --out")
+        distributed.barrier()
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, saved)
+            if self._resume is None:
+                (self.out / "log.jsonl").unlink(missing_ok=True)
 
     def _phase_at(self, step: int) -> int:
         return next(i for i, end in enumerate(self.ends) if step < end)
@@ -218,10 +231,18 @@ class Trainer:
             raise FileNotFoundError(
                 f"{src}: --init-inner-from needs a model directory (config.yaml, model.safetensors)"
             )
-        return len(load_config(src / "config.yaml").model.unet.levels())
+        source = load_config(src / "config.yaml")
+        keys = ("prediction_type", "schedule", "num_train_timesteps")
+        diff = [k for k in keys if getattr(source.diffusion, k) != getattr(self.cfg.diffusion, k)]
+        if diff:
+            raise ValueError(f"{src}: --init-inner-from model differs in diffusion.{', diffusion.'.join(diff)}")
+        return len(source.model.unet.levels())
 
-    def _enter_phase(self, phase: int, grow: bool = True) -> None:
-        """Build the phase's model (growing it from the previous weights), optimizer, EMA and data stream."""
+    def _enter_phase(self, phase: int, grow: bool = True, carried_levels: int | None = None) -> None:
+        """Build the phase's model (growing it from the previous weights), optimizer, EMA and data stream.
+
+        `carried_levels` (levels whose weights came from before this phase) is recomputed unless given.
+        """
         ph = self.phases[phase]
         sub = phase_config(self.cfg, ph.levels, ph.mixed_ratio)
         source = self._source_weights(phase) if grow else None
@@ -229,7 +250,9 @@ class Trainer:
         net = NestedUNet(sub.model)
         if source is not None:
             load_inner(net, *source)
-        carried_levels = self._source_levels(phase)
+        if carried_levels is None:
+            carried_levels = self._source_levels(phase)
+        self.carried_levels = carried_levels
         prefix = "inner_unet." * (ph.levels - carried_levels)
         self.carried = [n for n, _ in net.named_parameters() if carried_levels and n.startswith(prefix)]
         net.to(self.device).train()
@@ -410,7 +433,8 @@ class Trainer:
         model = distributed.gathered_state(self.net)
         ema = self.ema.state_dict()
         opt = distributed.full_optimizer_state(self.net, self.optimizer)
-        if self.env.is_main:
+
+        def write() -> None:
             state = {
                 "phase": self.phase,
                 "position": self.position,
@@ -418,10 +442,12 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "streak": self.streak,
                 "levels": self.sub.model.level_sizes(),
+                "carried_levels": self.carried_levels,
             }
             rng = checkpoint.rng_state(self.device)
             checkpoint.save(self.out, self.step, model, ema, opt, rng, state, self.tcfg.keep_checkpoints)
-        distributed.barrier()
+
+        distributed.on_main(self.env, write)
 
     def _restore(self, ck: checkpoint.Checkpoint) -> None:
         """Continue exactly where the checkpoint stopped."""
@@ -431,24 +457,37 @@ class Trainer:
                 f"{ck.path}: checkpoint is at step {s['step']} (phase {s['phase']}), past the end of the configured "
                 f"phases ({self.total_steps} steps)"
             )
+        start = self.ends[s["phase"] - 1] if s["phase"] else 0
+        if not start <= s["step"] <= self.ends[s["phase"]]:
+            raise TrainingError(
+                f"{ck.path}: train.phases changed: step {s['step']} was in phase {s['phase']}, which the config now "
+                f"runs over steps {start}..{self.ends[s['phase']]}"
+            )
         sizes = phase_config(self.cfg, self.phases[s["phase"]].levels).model.level_sizes()
         if sizes != s["levels"]:
             raise TrainingError(f"{ck.path}: checkpoint levels {s['levels']} differ from phase {s['phase']}'s {sizes}")
         self.step, self.position = s["step"], s["position"]
         self.nonfinite_total, self.streak = s["nonfinite_total"], s["streak"]
-        self._enter_phase(s["phase"], grow=False)
+        self._enter_phase(s["phase"], grow=False, carried_levels=s["carried_levels"])
         distributed.load_model_state(self.net, ck.model)
         self.ema.load_state_dict(ck.ema, s["ema_updates"])
         distributed.load_optimizer_state(self.net, self.optimizer, ck.optimizer)
         checkpoint.set_rng_state(ck.rng, self.device)
         if self.env.is_main:
+            self._truncate_log()
             log.info("resumed from %s at step %d", ck.path, self.step)
 
-    def ema_pipeline(self) -> MDMPipeline | None:
-        """The current phase's EMA model as a pipeline on rank 0 (collective: every rank must call it)."""
-        state = self.ema.state_dict()
-        if not self.env.is_main:
-            return None
+    def _truncate_log(self) -> None:
+        """Drop log records written after the checkpoint being resumed (a crash leaves them behind)."""
+        path = self.out / "log.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
+            tmp = path.with_name(".log.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(path)
+
+    def _pipeline(self, state: dict[str, torch.Tensor]) -> MDMPipeline:
+        """A sampling pipeline of the current phase's model with the weights `state` (e.g. the EMA's)."""
         net = NestedUNet(self.sub.model)
         net.load_state_dict(state, strict=True)
         return MDMPipeline(net.to(self.device).eval(), self.sub, text_encoder=self.text_encoder)
@@ -464,7 +503,7 @@ class Trainer:
             kwargs["class_labels"] = labels
             titles = [m.class_names[i] for i in labels]
         elif self.text_encoder is not None:
-            titles = [self.dataset[i]["caption"] for i in range(n)]
+            titles = [self.dataset[i % len(self.dataset)]["caption"] for i in range(n)]
             kwargs["prompt"] = titles
         else:
             kwargs["batch_size"] = n
@@ -489,8 +528,8 @@ class Trainer:
         if self._resume is not None:
             self._restore(checkpoint.load(self._resume))
             self._resume = None
-            if self.step == self.total_steps and not (self.out / "final").is_dir():
-                self._phase_outputs(phase_end=True, final=True)
+            if self.step == self.ends[self.phase] and not self._phase_dir().is_dir():
+                self._phase_outputs(phase_end=True, final=self.step == self.total_steps)
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc="train", disable=not (self.env.is_main and self.progress)
         )
@@ -522,15 +561,27 @@ class Trainer:
             return None
         return self.out / "final"
 
+    def _phase_dir(self) -> Path:
+        """Where the current phase's model goes when it ends: `final/` for the last phase."""
+        last = self.phase == len(self.phases) - 1
+        return self.out / ("final" if last else f"phases/levels_{self.net.num_levels}")
+
     def _phase_outputs(self, phase_end: bool, final: bool) -> None:
-        """Sample grid; at a phase end the phase's model directory; at the end `final/` and the loss curve."""
-        pipe = self.ema_pipeline()
-        if pipe is not None and self.tcfg.sample_count:
-            path = self._samples(pipe)
-            log.info("samples: %s", path)
-        if pipe is not None and phase_end:
-            target = self.out / ("final" if final else f"phases/levels_{self.net.num_levels}")
-            pipe.save_pretrained(target)
-        if pipe is not None and final:
-            loss_curve(self.out / "log.jsonl", self.out / "loss.png")
-        distributed.barrier()
+        """Sample grid; at a phase end the phase's model directory; at the end the loss curve.
+
+        Runs under a forked RNG so that sampling never changes the training stream (exact resume).
+        """
+        state = self.ema.state_dict()
+
+        def write() -> None:
+            pipe = self._pipeline(state)
+            if self.tcfg.sample_count:
+                log.info("samples: %s", self._samples(pipe))
+            if phase_end:
+                pipe.save_pretrained(self._phase_dir())
+            if final:
+                loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            distributed.on_main(self.env, write)
