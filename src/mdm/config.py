@@ -154,7 +154,17 @@ class TextConfig:
 class DataConfig:
     """Where training images come from and how they are read."""
 
-    dataset: Literal["shapes"] = field(default="shapes", metadata={"help": "built-in procedural shapes"})
+    dataset: Literal["shapes", "folder"] = field(
+        default="shapes", metadata={"help": "shapes (built in) or folder (class subfolders / metadata.jsonl / .txt)"}
+    )
+    path: str | None = field(default=None, metadata={"help": "folder: the image folder"})
+    crop: Literal["center", "random"] = field(default="center", metadata={"help": "folder: square crop"})
+    flip: bool = field(default=False, metadata={"help": "folder: random horizontal flips"})
+    min_size: int = field(default=0, metadata={"help": "folder: skip images whose shorter side is below (0 = size)"})
+    max_pixels: int = field(default=89_478_485, metadata={"help": "folder: skip larger images (bomb guard)"})
+    max_bad_fraction: float = field(
+        default=0.01, metadata={"help": "stop when more than this share of read samples was unusable"}
+    )
     num_samples: int = field(default=100_000, metadata={"help": "shapes: images per epoch (any size works)"})
     shapes: list[str] = field(
         default_factory=lambda: ["circle", "square", "triangle", "cross"],
@@ -574,6 +584,8 @@ def _validate_train(cfg: MDMConfig, source: str) -> None:
         prev = ph.levels
     _check(data.num_samples >= 1, source, "data.num_samples", "must be >= 1")
     _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    _check(0 <= data.max_bad_fraction < 1, source, "data.max_bad_fraction", "must be in [0, 1)")
+    _check(data.dataset != "folder" or bool(data.path), source, "data.path", "is required for data.dataset = folder")
 
 
 # ----------------------------------------------------------------------------------------------------------

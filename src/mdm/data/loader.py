@@ -15,13 +15,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mdm.config import DataConfig
+from mdm.data.folder import FolderDataset
 from mdm.data.shapes import ShapesDataset
 
 
-def build_dataset(config: DataConfig, image_size: int) -> Dataset:
+def build_dataset(config: DataConfig, image_size: int, need_captions: bool = False) -> Dataset:
     """The dataset named by `config.dataset` at `image_size`."""
     if config.dataset == "shapes":
         return ShapesDataset(image_size, config.num_samples, config.shapes, config.colors, config.seed)
+    if config.dataset == "folder":
+        return FolderDataset(
+            config.path,
+            image_size,
+            config.crop,
+            config.flip,
+            config.seed,
+            config.min_size,
+            config.max_pixels,
+            need_captions,
+        )
     raise ValueError(f"data.dataset: unknown dataset {config.dataset!r}")
 
 
@@ -64,8 +76,9 @@ class _Positioned(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images, labels and positions; captions stay a list."""
+    """Stack images, labels and positions; captions stay a list; 'skipped' sums the unusable samples passed over."""
     return {
+        "skipped": sum(it.get("skipped", 0) for it in items),
         "image": torch.stack([it["image"] for it in items]),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "caption": [it["caption"] for it in items],

@@ -40,6 +40,7 @@ from mdm.train.ema import EMA
 
 log = logging.getLogger(__name__)
 SPEED_ONLY = {"num_workers"}  # data keys that a resumed run may change
+BAD_SAMPLE_GRACE = 1000  # the bad-sample share is measured over at least this many samples
 
 
 def phase_config(config: MDMConfig, levels: int, mixed_ratio: list[float] | None = None) -> MDMConfig:
@@ -139,7 +140,7 @@ class Trainer:
             if text_encoder.dim != m.text_dim:
                 raise ValueError(f"text encoder width {text_encoder.dim} != model.text_dim {m.text_dim}")
         self.user_dataset = dataset
-        probe = dataset if dataset is not None else build_dataset(self.cfg.data, m.image_size)
+        probe = dataset if dataset is not None else build_dataset(self.cfg.data, m.image_size, m.text_dim > 0)
         if m.num_classes > 0:
             names = list(getattr(probe, "class_names", []))
             if len(names) != m.num_classes:
@@ -157,6 +158,7 @@ class Trainer:
         self.phase = -1
         self.nonfinite_total = 0
         self.streak = 0
+        self.bad_samples = 0
         self.net: NestedUNet | None = None
         self._resume = checkpoint.resolve(self.out, resume) if resume else None
         if self._resume is None:
@@ -271,8 +273,11 @@ class Trainer:
         self.phase = phase
         self.start = self.ends[phase - 1] if phase else 0
         self.batch = ph.batch_size or tc.batch_size
+        need_captions = self.cfg.model.text_dim > 0
         self.dataset = (
-            self.user_dataset if self.user_dataset is not None else build_dataset(self.cfg.data, sub.model.image_size)
+            self.user_dataset
+            if self.user_dataset is not None
+            else build_dataset(self.cfg.data, sub.model.image_size, need_captions)
         )
         loader = make_loader(
             self.dataset,
@@ -328,6 +333,20 @@ class Trainer:
             return None
         return drop(cond, dropped, self._null())
 
+    def _count_bad(self, skipped: int) -> None:
+        """Count unusable samples (all ranks); more than data.max_bad_fraction of the samples read (at least
+        BAD_SAMPLE_GRACE of them) stops the run."""
+        if skipped:
+            self.bad_samples += skipped
+            if self.env.is_main:
+                log.warning("skipped %d unusable sample(s) (%d so far)", skipped, self.bad_samples)
+        read = self.position + self.bad_samples
+        limit = self.cfg.data.max_bad_fraction
+        if self.bad_samples > limit * max(read, BAD_SAMPLE_GRACE):
+            raise TrainingError(
+                f"{self.bad_samples} of {read} samples read were unusable (more than data.max_bad_fraction = {limit})"
+            )
+
     def _train_step(self) -> None:
         """One optimizer step over grad_accum micro-batches; a non-finite loss or gradient skips it."""
         tc, ph = self.tcfg, self.phases[self.phase]
@@ -338,11 +357,13 @@ class Trainer:
         rows = self.batch * tc.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         level_sum = torch.zeros(self.diffusion.num_levels, device=self.device)
+        skipped = 0
         for k in range(tc.grad_accum):
             batch = next(self._batches)
             expected = self.position + self.env.rank * self.batch
             if int(batch["position"][0]) != expected:
                 raise RuntimeError(f"data stream out of step: expected position {expected}, got {batch['position'][0]}")
+            skipped += batch["skipped"]
             x = batch["image"].to(self.device)
             if x.shape[-1] != self.diffusion.sizes[0]:
                 x = F.adaptive_avg_pool2d(x, self.diffusion.sizes[0])
@@ -361,6 +382,7 @@ class Trainer:
                 ]
             )
             self.position += self.batch * self.env.world
+        self._count_bad(int(distributed.all_reduce(torch.tensor([skipped], device=self.device)).item()))
         if local < ph.freeze_inner_steps and self.carried:
             params = dict(self.net.named_parameters())
             for name in self.carried:
@@ -405,6 +427,7 @@ class Trainer:
             "lr": w.get("lr", 0.0),
             "images_per_s": w.get("images", 0) / elapsed if elapsed > 0 else 0.0,
             "nonfinite_skipped": self.nonfinite_total,
+            "bad_samples": self.bad_samples,
         }
         if w.get("n"):
             record["loss"] = w["loss"] / w["n"]
@@ -440,6 +463,7 @@ class Trainer:
                 "position": self.position,
                 "ema_updates": self.ema.updates,
                 "nonfinite_total": self.nonfinite_total,
+                "bad_samples": self.bad_samples,
                 "streak": self.streak,
                 "levels": self.sub.model.level_sizes(),
                 "carried_levels": self.carried_levels,
@@ -467,7 +491,7 @@ class Trainer:
         if sizes != s["levels"]:
             raise TrainingError(f"{ck.path}: checkpoint levels {s['levels']} differ from phase {s['phase']}'s {sizes}")
         self.step, self.position = s["step"], s["position"]
-        self.nonfinite_total, self.streak = s["nonfinite_total"], s["streak"]
+        self.nonfinite_total, self.streak, self.bad_samples = s["nonfinite_total"], s["streak"], s["bad_samples"]
         self._enter_phase(s["phase"], grow=False, carried_levels=s["carried_levels"])
         distributed.load_model_state(self.net, ck.model)
         self.ema.load_state_dict(ck.ema, s["ema_updates"])
