@@ -128,3 +128,23 @@ def test_trainer_reads_a_folder_and_stops_on_too_many_bad_files(tmp_path: Path) 
     assert records[-1]["bad_samples"] >= 1
     with pytest.raises(TrainingError, match=r"unusable \(more than data.max_bad_fraction = 0.0\)"):
         Trainer(_folder_config(tmp_path / "data", 0.0), tmp_path / "run2", progress=False).fit()
+
+
+def test_data_check_reports_counts_resolutions_captions_and_problems(tmp_path: Path, capsys) -> None:
+    from mdm.cli import main
+
+    solid(tmp_path / "a/1.png", (300, 200), (0, 0, 0))
+    (tmp_path / "a/1.txt").write_text("a black square on black")
+    solid(tmp_path / "a/2.png", (70, 90), (0, 0, 0))
+    solid(tmp_path / "b/3.png", (40, 40), (0, 0, 0))
+    assert main(["data", "check", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "class folders (2 classes)" in out and "samples: 3, usable: 3, problems: 0" in out
+    assert "classes (2): a: 2, b: 1" in out
+    assert "shorter side: <64: 1, 64-127: 1, 128-255: 1, 256-511: 0" in out
+    assert "captions: 3 with text, words min 1 / median 1 / max 5" in out
+    (tmp_path / "b/4.png").write_bytes(b"")
+    assert main(["data", "check", str(tmp_path), "--quiet", "--min-size", "64"]) == 1
+    out = capsys.readouterr().out
+    assert "samples: 4, usable: 2, problems: 2" in out
+    assert "3.png: 40x40 is smaller than data.min_size = 64" in out and "4.png: empty file" in out

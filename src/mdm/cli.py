@@ -155,6 +155,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from mdm.data.check import check_folder
+
+    report = check_folder(args.path, min_size=args.min_size, max_pixels=args.max_pixels, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 1 if report.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `mdm` command."""
     p = argparse.ArgumentParser(prog="mdm", description="Matryoshka Diffusion Models")
@@ -205,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="inspect training data")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    chk = data_sub.add_parser("check", help="counts, resolutions, captions and every unusable file (exit 1 if any)")
+    chk.add_argument("path", help="image folder (class subfolders, metadata.jsonl or sidecar .txt captions)")
+    chk.add_argument("--min-size", type=int, default=0, help="report images whose shorter side is below this")
+    chk.add_argument("--max-pixels", type=int, default=89_478_485, help="report images larger than this")
+    chk.add_argument("--quiet", action="store_true", help="no progress bar")
+    chk.set_defaults(func=_data_check)
 
     d = sub.add_parser("demo", help="train the tiny demo model on built-in shapes and write samples per class")
     d.add_argument("--out", default="runs/demo")
