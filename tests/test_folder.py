@@ -103,7 +103,7 @@ def test_unusable_files_are_skipped_and_counted(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=why):
             ds.load(i)
     captions = FolderDataset(tmp_path, 16, max_pixels=32 * 32, need_captions=True)
-    with pytest.raises(ValueError, match="none of the 7 samples"):
+    with pytest.raises(ValueError, match="none of the 7 samples is usable"):
         captions[0]
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         FolderDataset(tmp_path / "nope", 16)

@@ -163,6 +163,14 @@ def _data_check(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def _data_pack(args: argparse.Namespace) -> int:
+    from mdm.data.shards import pack
+
+    shards = pack(args.folder, args.out, args.shard_size)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `mdm` command."""
     p = argparse.ArgumentParser(prog="mdm", description="Matryoshka Diffusion Models")
@@ -222,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-pixels", type=int, default=89_478_485, help="report images larger than this")
     chk.add_argument("--quiet", action="store_true", help="no progress bar")
     chk.set_defaults(func=_data_check)
+    pk = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards")
+    pk.add_argument("folder", help="image folder (class subfolders, metadata.jsonl or sidecar .txt captions)")
+    pk.add_argument("out", help="output directory for shard-NNNNNN.tar")
+    pk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pk.set_defaults(func=_data_pack)
 
     d = sub.add_parser("demo", help="train the tiny demo model on built-in shapes and write samples per class")
     d.add_argument("--out", default="runs/demo")

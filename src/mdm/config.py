@@ -154,10 +154,13 @@ class TextConfig:
 class DataConfig:
     """Where training images come from and how they are read."""
 
-    dataset: Literal["shapes", "folder"] = field(
-        default="shapes", metadata={"help": "shapes (built in) or folder (class subfolders / metadata.jsonl / .txt)"}
+    dataset: Literal["shapes", "folder", "shards"] = field(
+        default="shapes",
+        metadata={"help": "shapes (built in), folder (class subfolders / metadata.jsonl / .txt) or shards (tar)"},
     )
-    path: str | None = field(default=None, metadata={"help": "folder: the image folder"})
+    path: str | None = field(
+        default=None, metadata={"help": "folder: the image folder; shards: a .tar, a directory, glob or {a..b} pattern"}
+    )
     crop: Literal["center", "random"] = field(default="center", metadata={"help": "folder: square crop"})
     flip: bool = field(default=False, metadata={"help": "folder: random horizontal flips"})
     min_size: int = field(default=0, metadata={"help": "folder: skip images whose shorter side is below (0 = size)"})
@@ -585,7 +588,12 @@ def _validate_train(cfg: MDMConfig, source: str) -> None:
     _check(data.num_samples >= 1, source, "data.num_samples", "must be >= 1")
     _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _check(0 <= data.max_bad_fraction < 1, source, "data.max_bad_fraction", "must be in [0, 1)")
-    _check(data.dataset != "folder" or bool(data.path), source, "data.path", "is required for data.dataset = folder")
+    _check(
+        data.dataset == "shapes" or bool(data.path),
+        source,
+        "data.path",
+        f"is required for data.dataset = {data.dataset}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

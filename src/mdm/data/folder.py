@@ -15,6 +15,7 @@ usable one, and the item says how many it skipped so the trainer can count and r
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -46,14 +47,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, min_size: int, max_pixels: int) -> Image.Image:
-    """Open, orient and convert one image; raises BadSample naming the problem."""
-    if path.stat().st_size == 0:
+def load_image(path: Path | str, min_size: int, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    """Open, orient and convert one image (a file, or `data` read from an archive member named `path`).
+
+    Raises BadSample naming the problem.
+    """
+    size = len(data) if data is not None else Path(path).stat().st_size
+    if size == 0:
         raise BadSample(f"{path}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data) if data is not None else path) as im:
                 if im.width * im.height > max_pixels:
                     raise BadSample(f"{path}: {im.width}x{im.height} exceeds data.max_pixels = {max_pixels}")
                 im.load()
@@ -167,4 +172,4 @@ class FolderDataset(Dataset):
                 return {**self.load((index + skipped) % len(self.items)), "skipped": skipped}
             except BadSample:
                 continue
-        raise ValueError(f"data.path: none of the {len(self.items)} samples in {self.root} is usable")
+        raise ValueError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")

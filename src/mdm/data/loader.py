@@ -17,14 +17,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mdm.config import DataConfig
 from mdm.data.folder import FolderDataset
 from mdm.data.shapes import ShapesDataset
+from mdm.data.shards import ShardDataset
 
 
 def build_dataset(config: DataConfig, image_size: int, need_captions: bool = False) -> Dataset:
     """The dataset named by `config.dataset` at `image_size`."""
     if config.dataset == "shapes":
         return ShapesDataset(image_size, config.num_samples, config.shapes, config.colors, config.seed)
-    if config.dataset == "folder":
-        return FolderDataset(
+    if config.dataset in ("folder", "shards"):
+        kind = FolderDataset if config.dataset == "folder" else ShardDataset
+        return kind(
             config.path,
             image_size,
             config.crop,
