@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mdm.config import PhaseConfig
-from mdm.data.folder import FolderDataset
+from mdm.data.folder import FolderDataset, ReadOptions
 from mdm.train.checkpoint import TrainingError
 from mdm.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -33,7 +33,7 @@ def test_class_folders_modes_and_sidecars(tmp_path: Path) -> None:
     Image.new("RGBA", (32, 32), (0, 0, 255, 0)).save(tmp_path / "cats/c.png")
     solid(tmp_path / "dogs/d.png", (16, 20), (10, 200, 10), "P")
     Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(tmp_path / "dogs/e.png")
-    ds = FolderDataset(tmp_path, 16)
+    ds = FolderDataset(tmp_path, ReadOptions(16))
     assert ds.class_names == ["cats", "dogs"] and len(ds) == 5
     items = [ds[i] for i in range(5)]
     assert [it["label"] for it in items] == [0, 0, 0, 1, 1]
@@ -52,13 +52,15 @@ def test_exif_orientation_and_crops(tmp_path: Path) -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img.save(tmp_path / "x.jpg", exif=exif, quality=100)
     (tmp_path / "x.txt").write_text("rotated")
-    ds = FolderDataset(tmp_path, 20)
+    ds = FolderDataset(tmp_path, ReadOptions(20))
     out = ds[0]["image"]
     assert out.shape == (3, 20, 20)
     top, bottom = out[:, :5].mean((1, 2)), out[:, -5:].mean((1, 2))
     assert top[2] > 0.5 > top[0] and bottom[0] > 0.5 > bottom[2], "after EXIF rotation blue is on top"
-    rand = FolderDataset(tmp_path, 10, crop="random", flip=True, seed=3)
-    assert torch.equal(rand[0]["image"], FolderDataset(tmp_path, 10, crop="random", flip=True, seed=3)[0]["image"])
+    rand = FolderDataset(tmp_path, ReadOptions(10, crop="random", flip=True, seed=3))
+    assert torch.equal(
+        rand[0]["image"], FolderDataset(tmp_path, ReadOptions(10, crop="random", flip=True, seed=3))[0]["image"]
+    )
 
 
 def test_metadata_jsonl_with_named_labels(tmp_path: Path) -> None:
@@ -70,12 +72,12 @@ def test_metadata_jsonl_with_named_labels(tmp_path: Path) -> None:
         {"file_name": "img/3.png", "text": "three", "label": "b"},
     ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ds = FolderDataset(tmp_path, 8)
+    ds = FolderDataset(tmp_path, ReadOptions(8))
     assert ds.class_names == ["a", "b"]
     assert [(ds[i]["caption"], ds[i]["label"]) for i in range(3)] == [("one", 1), ("two", 0), ("three", 1)]
     (tmp_path / "metadata.jsonl").write_text('{"text": "no file"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:1: expected a JSON object with 'file_name'"):
-        FolderDataset(tmp_path, 8)
+        FolderDataset(tmp_path, ReadOptions(8))
 
 
 def test_unusable_files_are_skipped_and_counted(tmp_path: Path) -> None:
@@ -87,7 +89,7 @@ def test_unusable_files_are_skipped_and_counted(tmp_path: Path) -> None:
     solid(tmp_path / "4_small.png", (8, 8), (0, 0, 0))
     solid(tmp_path / "5_huge.png", (64, 64), (0, 0, 0))
     solid(tmp_path / "6_good.png", (16, 16), (9, 9, 9))
-    ds = FolderDataset(tmp_path, 16, max_pixels=32 * 32)
+    ds = FolderDataset(tmp_path, ReadOptions(16, max_pixels=32 * 32))
     assert len(ds) == 7
     assert ds[0]["skipped"] == 0
     item = ds[1]
@@ -102,11 +104,11 @@ def test_unusable_files_are_skipped_and_counted(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=why):
             ds.load(i)
-    captions = FolderDataset(tmp_path, 16, max_pixels=32 * 32, need_captions=True)
+    captions = FolderDataset(tmp_path, ReadOptions(16, max_pixels=32 * 32, need_captions=True))
     with pytest.raises(ValueError, match="none of the 7 samples is usable"):
         captions[0]
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        FolderDataset(tmp_path / "nope", 16)
+        FolderDataset(tmp_path / "nope", ReadOptions(16))
 
 
 def _folder_config(root: Path, bad_fraction: float):
@@ -148,3 +150,8 @@ def test_data_check_reports_counts_resolutions_captions_and_problems(tmp_path: P
     out = capsys.readouterr().out
     assert "samples: 4, usable: 2, problems: 2" in out
     assert "3.png: 40x40 is smaller than data.min_size = 64" in out and "4.png: empty file" in out
+
+
+def test_bad_crop_rejected() -> None:
+    with pytest.raises(ValueError, match=r"data\.crop must be 'center' or 'random'"):
+        ReadOptions(16, crop="middle")

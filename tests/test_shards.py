@@ -12,7 +12,7 @@ import torch
 
 from mdm.cli import main
 from mdm.config import PhaseConfig
-from mdm.data.folder import FolderDataset
+from mdm.data.folder import FolderDataset, ReadOptions
 from mdm.data.shards import ShardDataset, expand_braces, shard_paths
 from mdm.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -38,8 +38,8 @@ def test_pack_then_read_matches_the_folder(tmp_path: Path, capsys) -> None:
     (tmp_path / "src/b/0.txt").write_text("first caption")
     assert main(["data", "pack", str(tmp_path / "src"), str(tmp_path / "shards"), "--shard-size", "2"]) == 0
     assert "wrote 3 shard(s)" in capsys.readouterr().out
-    folder = FolderDataset(tmp_path / "src", 16)
-    shards = ShardDataset(str(tmp_path / "shards/shard-{000000..000002}.tar"), 16)
+    folder = FolderDataset(tmp_path / "src", ReadOptions(16))
+    shards = ShardDataset(str(tmp_path / "shards/shard-{000000..000002}.tar"), ReadOptions(16))
     assert len(shards) == len(folder) == 5 and shards.num_classes == 2
     for i in range(5):
         a, b = folder[i], shards[i]
@@ -66,7 +66,7 @@ def test_bad_members_are_skipped_and_json_captions_read(tmp_path: Path) -> None:
         _member(tar, "3.jpg", b"")
         _member(tar, "4.png", good)
         _member(tar, "4.txt", b"four")
-    ds = ShardDataset(str(tmp_path / "x.tar"), 16)
+    ds = ShardDataset(str(tmp_path / "x.tar"), ReadOptions(16))
     assert len(ds) == 5 and ds.num_classes == 0
     assert ds[0]["caption"] == "from json" and ds[0]["skipped"] == 0
     item = ds[1]
@@ -79,7 +79,7 @@ def test_bad_members_are_skipped_and_json_captions_read(tmp_path: Path) -> None:
         ds.load(3)
     (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="not a readable tar shard"):
-        ShardDataset(str(tmp_path / "broken.tar"), 16)
+        ShardDataset(str(tmp_path / "broken.tar"), ReadOptions(16))
 
 
 def test_trainer_reads_shards(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mdm.data.folder import BadSample, FolderDataset, load_image
+from mdm.data.folder import BadSample, FolderDataset, ReadOptions, load_image
 
 SIDE_BINS = (64, 128, 256, 512, 1024)
 
@@ -54,7 +54,7 @@ class Report:
 
 def check_folder(root: str | Path, min_size: int = 0, max_pixels: int = 89_478_485, progress: bool = True) -> Report:
     """Open every sample of an image folder the way training would and report what is there."""
-    ds = FolderDataset(root, max(1, min_size), min_size=min_size or 1, max_pixels=max_pixels)
+    ds = FolderDataset(root, ReadOptions(max(1, min_size), max_pixels=max_pixels))
     layout = (
         "metadata.jsonl"
         if (ds.root / "metadata.jsonl").is_file()
@@ -69,7 +69,7 @@ def check_folder(root: str | Path, min_size: int = 0, max_pixels: int = 89_478_4
         if caption:
             report.words.append(len(caption.split()))
         try:
-            image = load_image(path, ds.min_size, max_pixels)
+            image = load_image(path, ds.options.smallest, max_pixels)
         except BadSample as e:
             report.problems.append(str(e))
             continue

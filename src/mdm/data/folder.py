@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,27 +88,72 @@ def resize_crop(image: Image.Image, size: int, crop: str, flip: bool, rng: np.ra
     return torch.from_numpy(arr.transpose(2, 0, 1).copy()) / 127.5 - 1.0
 
 
-class FolderDataset(Dataset):
+@dataclass(frozen=True)
+class ReadOptions:
+    """How stored images become training tensors, and which samples count as unusable."""
+
+    image_size: int
+    crop: str = "center"
+    flip: bool = False
+    seed: int = 0
+    min_size: int = 0
+    max_pixels: int = 89_478_485
+    need_captions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+
+    @property
+    def smallest(self) -> int:
+        """Shorter sides below this are unusable (min_size, else the training size)."""
+        return self.min_size or self.image_size
+
+
+class ImageDataset(Dataset):
+    """Shared reading: decode, check, resize and crop; `__getitem__` passes over unusable samples."""
+
+    options: ReadOptions
+    items: list
+
+    def load(self, index: int) -> dict:
+        """Sample `index` or BadSample (implemented by each storage layout)."""
+        raise NotImplementedError
+
+    def sample(self, name: str, caption: str | None, label: int, index: int, data: bytes | None = None) -> dict:
+        """The training item of the image at `name` (or its `data`), with the checks of `options`."""
+        o = self.options
+        if o.need_captions and not caption:
+            raise BadSample(f"{name}: no caption")
+        image = load_image(name, o.smallest, o.max_pixels, data=data)
+        rng = np.random.default_rng([o.seed, index])
+        return {
+            "image": resize_crop(image, o.image_size, o.crop, o.flip, rng),
+            "label": label,
+            "caption": caption or "",
+        }
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        """Sample `index`, or the next usable one; 'skipped' counts the unusable ones passed over."""
+        for skipped in range(len(self.items)):
+            try:
+                return {**self.load((index + skipped) % len(self.items)), "skipped": skipped}
+            except BadSample:
+                continue
+        raise ValueError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")
+
+
+class FolderDataset(ImageDataset):
     """Images (and captions / labels) from a folder in one of the three layouts above."""
 
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int,
-        crop: str = "center",
-        flip: bool = False,
-        seed: int = 0,
-        min_size: int = 0,
-        max_pixels: int = 89_478_485,
-        need_captions: bool = False,
-    ) -> None:
+    def __init__(self, root: str | Path, options: ReadOptions) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.path: {self.root} is not a folder")
-        if crop not in ("center", "random"):
-            raise ValueError(f"data.crop must be 'center' or 'random', got {crop!r}")
-        self.image_size, self.crop, self.flip, self.seed = image_size, crop, flip, seed
-        self.min_size, self.max_pixels, self.need_captions = min_size or image_size, max_pixels, need_captions
+        self.options = options
         self.items, self.class_names = self._discover()
         if not self.items:
             raise ValueError(f"data.path: no images found in {self.root} (looked for {sorted(IMAGE_SUFFIXES)})")
@@ -152,24 +198,7 @@ class FolderDataset(Dataset):
         """Number of classes (0 for a caption-only folder)."""
         return len(self.class_names)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def load(self, index: int) -> dict:
         """Sample `index` or BadSample."""
         path, caption, label = self.items[index]
-        if self.need_captions and not caption:
-            raise BadSample(f"{path}: no caption (metadata 'text' or a sidecar .txt)")
-        image = load_image(path, self.min_size, self.max_pixels)
-        rng = np.random.default_rng([self.seed, index])
-        tensor = resize_crop(image, self.image_size, self.crop, self.flip, rng)
-        return {"image": tensor, "label": label, "caption": caption or ""}
-
-    def __getitem__(self, index: int) -> dict:
-        """Sample `index`, or the next usable one; 'skipped' counts the unusable ones passed over."""
-        for skipped in range(len(self.items)):
-            try:
-                return {**self.load((index + skipped) % len(self.items)), "skipped": skipped}
-            except BadSample:
-                continue
-        raise ValueError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")
+        return self.sample(str(path), caption, label, index)

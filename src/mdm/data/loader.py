@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mdm.config import DataConfig
-from mdm.data.folder import FolderDataset
+from mdm.data.folder import FolderDataset, ReadOptions
 from mdm.data.shapes import ShapesDataset
 from mdm.data.shards import ShardDataset
 
@@ -26,16 +26,9 @@ def build_dataset(config: DataConfig, image_size: int, need_captions: bool = Fal
         return ShapesDataset(image_size, config.num_samples, config.shapes, config.colors, config.seed)
     if config.dataset in ("folder", "shards"):
         kind = FolderDataset if config.dataset == "folder" else ShardDataset
-        return kind(
-            config.path,
-            image_size,
-            config.crop,
-            config.flip,
-            config.seed,
-            config.min_size,
-            config.max_pixels,
-            need_captions,
-        )
+        c = config
+        options = ReadOptions(image_size, c.crop, c.flip, c.seed, c.min_size, c.max_pixels, need_captions)
+        return kind(config.path, options)
     raise ValueError(f"data.dataset: unknown dataset {config.dataset!r}")
 
 

@@ -17,10 +17,7 @@ import re
 import tarfile
 from pathlib import Path
 
-import numpy as np
-from torch.utils.data import Dataset
-
-from mdm.data.folder import BadSample, FolderDataset, load_image, resize_crop
+from mdm.data.folder import BadSample, FolderDataset, ImageDataset, ReadOptions
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -74,23 +71,12 @@ def _index(shard: Path) -> list[dict]:
     return list(samples.values())
 
 
-class ShardDataset(Dataset):
+class ShardDataset(ImageDataset):
     """Images with captions and labels from tar shards; unusable samples are replaced and counted as in folders."""
 
-    def __init__(
-        self,
-        spec: str,
-        image_size: int,
-        crop: str = "center",
-        flip: bool = False,
-        seed: int = 0,
-        min_size: int = 0,
-        max_pixels: int = 89_478_485,
-        need_captions: bool = False,
-    ) -> None:
+    def __init__(self, spec: str, options: ReadOptions) -> None:
         self.shards = shard_paths(spec)
-        self.image_size, self.crop, self.flip, self.seed = image_size, crop, flip, seed
-        self.min_size, self.max_pixels, self.need_captions = min_size or image_size, max_pixels, need_captions
+        self.options = options
         self.items = [s for shard in self.shards for s in _index(shard)]
         if not self.items:
             raise ValueError(f"data.path: the shards {spec!r} hold no samples")
@@ -134,9 +120,6 @@ class ShardDataset(Dataset):
         """Number of classes found in `.cls` members (0 without labels)."""
         return len(self.class_names)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}}
 
@@ -147,20 +130,13 @@ class ShardDataset(Dataset):
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise BadSample(f"{name}: no image member ({'/'.join(IMAGE_EXTS)})")
-        caption = self._caption(sample)
-        if self.need_captions and not caption:
-            raise BadSample(f"{name}: no caption (.txt or .json)")
-        image = load_image(name + ext, self.min_size, self.max_pixels, data=self._bytes(sample, ext))
-        rng = np.random.default_rng([self.seed, index])
-        tensor = resize_crop(image, self.image_size, self.crop, self.flip, rng)
-        return {"image": tensor, "label": self._read_label(sample), "caption": caption or ""}
-
-    __getitem__ = FolderDataset.__getitem__
+        data = self._bytes(sample, ext)
+        return self.sample(name + ext, self._caption(sample), self._read_label(sample), index, data=data)
 
 
 def pack(folder: str | Path, out: str | Path, shard_size: int = 1000) -> list[Path]:
     """Write an image folder as WebDataset shards `out/shard-NNNNNN.tar` (original bytes, .txt, .cls)."""
-    ds = FolderDataset(folder, 1, min_size=1)
+    ds = FolderDataset(folder, ReadOptions(1))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
