@@ -28,6 +28,7 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/unet_speed.py
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/data_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
