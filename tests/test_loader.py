@@ -44,3 +44,19 @@ def test_loader_yields_positions_images_labels_captions() -> None:
     idx = StreamSampler(20, 3, seed=0).index(5)
     assert torch.equal(batch["image"][0], ds[idx]["image"]) and batch["label"][0] == ds[idx]["label"]
     assert batch["caption"][0] == ds[idx]["caption"]
+
+
+def test_two_ranks_read_disjoint_folder_samples_and_resume_in_place(tmp_path) -> None:
+    from PIL import Image
+
+    from mdm.data.folder import FolderDataset, ReadOptions
+
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    ds = FolderDataset(tmp_path, ReadOptions(8))
+    ranks = [iter(make_loader(ds, 2, seed=1, rank=r, world=2)) for r in range(2)]
+    seen = [[c for _ in range(2) for c in next(it)["caption"]] for it in ranks]
+    assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+    resumed = iter(make_loader(ds, 2, seed=1, start=8, rank=0, world=2))
+    assert next(resumed)["caption"] == next(ranks[0])["caption"]
