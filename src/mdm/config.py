@@ -534,6 +534,27 @@ def validate(cfg: MDMConfig, source: str = "<config>") -> None:
     _validate_train(cfg, source)
 
 
+def mixed_fractions(ratio: list[float]) -> list[float]:
+    """'a:b:c' (highest first) -> cumulative fractions [a/s, (a+b)/s, 1]: level l trains on that share of rows."""
+    total = sum(ratio)
+    out, acc = [], 0.0
+    for r in ratio:
+        acc += r
+        out.append(acc / total)
+    return out
+
+
+def phase_mixed_ratio(cfg: MDMConfig, levels: int, own: list[float] | None) -> list[float] | None:
+    """The mixed-resolution ratio of a phase training the innermost `levels` levels: its own, else the
+    diffusion one restricted to those levels (None for a single level)."""
+    if own is not None:
+        return list(own)
+    ratio = cfg.diffusion.mixed_ratio
+    if ratio is None or levels == 1:
+        return None
+    return ratio[len(ratio) - levels :]
+
+
 def _validate_train(cfg: MDMConfig, source: str) -> None:
     """Training and data settings: positive sizes, phases that grow one level at a time."""
     tr, data = cfg.train, cfg.data
@@ -570,16 +591,12 @@ def _validate_train(cfg: MDMConfig, source: str) -> None:
                 f"{key}.mixed_ratio",
                 f"needs {ph.levels} positive parts (highest level first), got {ph.mixed_ratio}",
             )
-        ratio = ph.mixed_ratio
-        if ratio is None and cfg.diffusion.mixed_ratio is not None and ph.levels > 1:
-            ratio = cfg.diffusion.mixed_ratio[n_levels - ph.levels :]
+        ratio = phase_mixed_ratio(cfg, ph.levels, ph.mixed_ratio)
         if ratio is not None:
             batch = ph.batch_size or tr.batch_size
-            total, acc = sum(ratio), 0.0
-            for j, part in enumerate(ratio[:-1]):
-                acc += part
+            for j, fraction in enumerate(mixed_fractions(ratio)):
                 _check(
-                    int(acc / total * batch) >= 1,
+                    int(fraction * batch) >= 1,
                     source,
                     f"{key}.batch_size",
                     f"= {batch} gives level {j} of the mixed ratio {ratio} no rows; raise the batch size",

@@ -15,7 +15,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from mdm.config import DiffusionConfig
+from mdm.config import DiffusionConfig, mixed_fractions
 from mdm.diffusion.schedule import level_gammas
 from mdm.models.conditioning import Conditioning
 
@@ -78,16 +78,6 @@ def convert(pred: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, src: str, 
     if src == dst:
         return pred
     return x0_to(dst, predict_x0(pred, z, gamma, src), z, gamma)
-
-
-def mixed_fractions(ratio: list[float]) -> list[float]:
-    """'a:b:c' (highest first) -> cumulative fractions [a/s, (a+b)/s, 1]: level l trains on that share of rows."""
-    total = sum(ratio)
-    out, acc = [], 0.0
-    for r in ratio:
-        acc += r
-        out.append(acc / total)
-    return out
 
 
 @dataclass

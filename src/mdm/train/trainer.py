@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from mdm.config import MDMConfig, PhaseConfig, load_config, save_config, to_dict
+from mdm.config import MDMConfig, PhaseConfig, load_config, phase_mixed_ratio, save_config, to_dict
 from mdm.data.loader import build_dataset, make_loader
 from mdm.diffusion.process import MultiLevelDiffusion
 from mdm.images import sample_grid, save_png
@@ -53,10 +53,7 @@ def phase_config(config: MDMConfig, levels: int, mixed_ratio: list[float] | None
     d = sub.diffusion
     if d.level_weights is not None:
         d.level_weights = d.level_weights[first:]
-    if mixed_ratio is not None:
-        d.mixed_ratio = list(mixed_ratio)
-    elif d.mixed_ratio is not None:
-        d.mixed_ratio = d.mixed_ratio[first:] if levels > 1 else None
+    d.mixed_ratio = phase_mixed_ratio(config, levels, mixed_ratio)
     sub.train.phases = []
     return sub.validate(f"phase with {levels} level(s)")
 
