@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-text test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/mdm demo --out runs/demo
+
+demo-text: $(BIN)/.installed
+	$(BIN)/mdm demo --preset demo-text --out runs/demo-text
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -53,8 +53,13 @@ class SyntheticImages(Dataset):
 class RandomText:
     """Stands in for a text encoder: random features of the model's text width."""
 
+    name = "random"
+
     def __init__(self, dim: int) -> None:
         self.dim = dim
+
+    def to(self, device: str | torch.device) -> RandomText:
+        return self
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(len(prompts), TOKENS, self.dim), torch.ones(len(prompts), TOKENS)

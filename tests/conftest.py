@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,85 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return module
+
+
+def sample_prompts_and_embeddings(pipe: object, prompts: list[str], encoder: object, **kwargs: object) -> tuple:
+    """(images from `prompt=`, images from the same prompts encoded by `encoder` with '' as the negative), same seed."""
+    out = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+    emb, mask = encoder.encode(prompts)
+    null, null_mask = encoder.encode([""])
+    ref = pipe(
+        prompt_embeds=emb,
+        prompt_mask=mask,
+        negative_prompt_embeds=null,
+        negative_prompt_mask=null_mask,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kwargs,
+    ).images
+    return out, ref
+
+
+WORDS = ["<pad>", "</s>", "<unk>", "▁", "a", "red", "green", "blue", "circle", "square", "on", "the", "left"]
+
+
+def _word_tokenizer() -> object:
+    """A word-level fast tokenizer over WORDS that appends </s> (pad 0, </s> 1), built without downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 48-wide T5 encoder (the fixtures' text width) and its tokenizer, saved like a hub download."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny-t5")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=32, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4)
+    transformers.T5EncoderModel(config).save_pretrained(path)
+    _word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 32-wide CLIP text model and its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    transformers.CLIPTextModel(config).save_pretrained(path)
+    _word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids OpenMP start-up and contention costs on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test ever reaches the network: hub ids fail at once instead of retrying."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,10 +1,16 @@
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from mdm import MDMPipeline
 from mdm.cli import main
-from tests.conftest import fixture_dir, load_fixture
+from mdm.config import save_config
+from mdm.data.shapes import ShapesDataset
+from mdm.images import to_uint8
+from mdm.text.cache import EmbeddingCache
+from mdm.text.encoders import TransformersEncoder
+from tests.conftest import fixture_dir, load_fixture, sample_prompts_and_embeddings, tiny_config
 
 
 def test_convert_then_sample_with_prompt_embeddings(tmp_path, capsys):
@@ -116,3 +122,55 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "d" / "final"), "--labels", "pink star", "--steps", "2"]) == 2
     assert "unknown class name 'pink star'" in capsys.readouterr().err
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_convert_with_a_text_encoder_then_sample_prompts(tmp_path, capsys, tiny_t5):
+    d = fixture_dir("nested")
+    model = tmp_path / "model"
+    args = ["convert", "mlmdm", str(d / "vis_model.pth"), "--config", str(d / "config.yaml"), "--out", str(model)]
+    assert main([*args, "--text-encoder", str(tiny_t5)]) == 0
+    pipe = MDMPipeline.from_pretrained(model)
+    assert pipe.config.text.encoder == "t5" and pipe.config.text.path == str(tiny_t5.resolve())
+    prompts = ["a red circle", "blue square"]
+    cmd = ["sample", "--model", str(model), "--prompt", *prompts, "--steps", "2", "--quiet", "--out"]
+    assert main([*cmd, str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["000_a-red-circle.png", "001_blue-square.png"]
+    pipe.set_progress_bar_config(disable=True)
+    out, ref = sample_prompts_and_embeddings(pipe, prompts, pipe.text_encoder, num_inference_steps=2)
+    assert torch.equal(out, ref)
+    positional = pipe(prompts, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(positional.images, out), "MDMPipeline.from_pretrained(DIR)(prompt) works as in diffusers"
+    png = Image.open(tmp_path / "png" / "000_a-red-circle.png")
+    assert np.array_equal(np.asarray(png)[12:, :64], to_uint8(out[:1])[0]), "the CLI wrote the same first sample"
+
+
+def test_train_reads_precomputed_text_features_without_the_encoder(tmp_path, capsys, tiny_t5, monkeypatch):
+    cfg = tiny_config(levels=2, text_dim=48)
+    cfg.text.encoder, cfg.text.path, cfg.text.cache = "t5", str(tiny_t5), str(tmp_path / "cache")
+    cfg.data.num_samples = 16
+    t = cfg.train
+    t.batch_size, t.steps, t.warmup_steps, t.sample_count, t.sample_steps = 4, 2, 1, 2, 2
+    save_config(cfg.validate(), tmp_path / "cfg.yaml")
+    assert main(["data", "embed", "--config", str(tmp_path / "cfg.yaml"), "--quiet"]) == 0
+    assert "cached the features of" in capsys.readouterr().out
+    captions = set(ShapesDataset(16, 16).captions())
+    assert len(EmbeddingCache(tmp_path / "cache")) == len(captions) + 1
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("the T5 encoder was loaded although every caption is cached")
+
+    monkeypatch.setattr(TransformersEncoder, "__init__", unavailable)
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run/final/model.safetensors").is_file()
+    assert (tmp_path / "run/samples/step_0000002.png").is_file(), "sample prompts are dataset captions: cached"
+
+
+def test_demo_text_trains_and_writes_captioned_samples(tmp_path, capsys):
+    cmd = ["demo", "--preset", "demo-text", "--out", str(tmp_path), "--steps", "2", "--per-class", "1"]
+    assert main([*cmd, *TINY_DEMO]) == 0
+    assert "captions of unseen scenes" in capsys.readouterr().out
+    grid = Image.open(tmp_path / "demo_samples.png")
+    assert grid.width > 2 * 128 and grid.height > 6 * 128, "12 captions, two per row, both levels at >= 128 px"
+    pipe = MDMPipeline.from_pretrained(tmp_path / "final")
+    assert pipe.config.text.encoder == "bytes" and pipe.config.model.text_dim == 832
+    assert len(pipe.unet.levels()[-1].lm_head) == 2, "the byte transformer blocks are part of the trained network"

@@ -87,8 +87,8 @@ def test_string_ratios_and_scalar_broadcast():
 
 def test_overrides(tmp_path):
     path = write(tmp_path, base_dict())
-    cfg = load_config(path, ["diffusion.shift_power=2", "model.unet.inner.dropout=0.1", "text.encoder=t5"])
-    assert cfg.diffusion.shift_power == 2.0 and cfg.model.unet.inner.dropout == 0.1 and cfg.text.encoder == "t5"
+    cfg = load_config(path, ["diffusion.shift_power=2", "model.unet.inner.dropout=0.1", "text.max_chars=77"])
+    assert cfg.diffusion.shift_power == 2.0 and cfg.model.unet.inner.dropout == 0.1 and cfg.text.max_chars == 77
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_overrides({}, ["diffusion.shift_power"])
     with pytest.raises(ConfigError, match="unknown key"):

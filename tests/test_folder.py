@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from mdm.config import PhaseConfig
-from mdm.data.folder import FolderDataset, ReadOptions
+from mdm.data.check import check_data
+from mdm.data.folder import BadSample, FolderDataset, ReadOptions
 from mdm.train.checkpoint import TrainingError
 from mdm.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -109,6 +110,21 @@ def test_unusable_files_are_skipped_and_counted(tmp_path: Path) -> None:
         captions[0]
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         FolderDataset(tmp_path / "nope", ReadOptions(16))
+
+
+def test_a_listed_but_missing_file_is_an_unusable_sample(tmp_path: Path) -> None:
+    solid(tmp_path / "a.png", (16, 16), (1, 2, 3))
+    rows = [{"file_name": "gone.png", "text": "lost"}, {"file_name": "a.png", "text": "a dark square"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = FolderDataset(tmp_path, ReadOptions(16))
+    item = ds[0]
+    assert item["skipped"] == 1 and item["caption"] == "a dark square"
+    assert ds.captions() == ["lost", "a dark square"]
+    with pytest.raises(BadSample, match=r"gone\.png: listed but missing"):
+        ds.load(0)
+    report = check_data(tmp_path, progress=False)
+    assert report.layout == "metadata.jsonl" and report.samples == 2 and report.words == [1, 3]
+    assert report.problems == [f"{tmp_path / 'gone.png'}: listed but missing"]
 
 
 def _folder_config(root: Path, bad_fraction: float):

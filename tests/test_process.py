@@ -108,3 +108,12 @@ def test_mixed_ratio_trains_each_level_on_its_share():
     full = out.level_mse
     torch.testing.assert_close(out.loss[:2], full[0, :2] * 3 + full[1, :2])
     torch.testing.assert_close(out.loss[2:], full[1, 2:])
+
+
+def test_a_single_level_model_can_take_the_top_level_schedule_of_a_nested_one():
+    nested = MultiLevelDiffusion(DiffusionConfig(shift_power=1.0), [32, 16]).gammas()
+    alone = MultiLevelDiffusion(DiffusionConfig(shift_power=1.0), [32]).gammas()
+    shifted = MultiLevelDiffusion(DiffusionConfig(shift_power=1.0, shift_base_size=16), [32]).gammas()
+    assert torch.equal(shifted[0], nested[0]) and torch.equal(alone[0], nested[1])
+    g, base = shifted[0][1:-1], alone[0][1:-1]
+    torch.testing.assert_close(g / (1 - g), base / (1 - base) / 2, msg="SNR / (32 / 16)")

@@ -364,6 +364,10 @@ class HashText:
     """A deterministic stand-in text encoder: one 8-wide token per word, from the word's bytes."""
 
     dim = 8
+    name = "hash"
+
+    def to(self, device: str | torch.device) -> HashText:
+        return self
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         words = [p.split() or [""] for p in prompts]

@@ -51,16 +51,29 @@ def write_samples(levels: list[torch.Tensor], out: Path, prefix: str, titles: li
     return paths
 
 
+def _slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe short form of a prompt."""
+    return "".join(c if c.isalnum() else "-" for c in text[:limit]).strip("-") or "empty"
+
+
 def _sample(args: argparse.Namespace) -> int:
     from mdm.pipeline import MDMPipeline
 
     pipe = MDMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    if args.text_encoder is not None:
+        pipe.config.text.encoder = pipe.config.text.encoder or "t5"
+        pipe.config.text.path = args.text_encoder
     pipe.set_progress_bar_config(disable=args.quiet)
     kwargs: dict = {}
     if args.labels is not None:
         labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels]
         kwargs["class_labels"] = labels
-        titles = [str(label).replace(" ", "-") for label in labels for _ in range(args.num)]
+        titles = [_slug(str(label)) for label in labels for _ in range(args.num)]
+    elif args.prompt is not None:
+        kwargs["prompt"] = args.prompt
+        if args.negative_prompt is not None:
+            kwargs["negative_prompt"] = args.negative_prompt
+        titles = [_slug(p) for p in args.prompt for _ in range(args.num)]
     elif args.prompt_embeds is not None:
         kwargs["prompt_embeds"], kwargs["prompt_mask"] = _read_embeds(args.prompt_embeds)
         if args.negative_embeds is not None:
@@ -85,17 +98,25 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_config(args: argparse.Namespace) -> MDMConfig:
-    """--preset / --config with --set overrides; on --resume without either, the run directory's config."""
+def _given_config(args: argparse.Namespace, overrides: list[str]) -> MDMConfig | None:
+    """The config of --preset or --config with `overrides`, or None when neither is given."""
     if args.preset and args.config:
         raise ConfigError("give --preset or --config, not both")
-    overrides = list(args.set or [])
-    if args.init_inner_from:
-        overrides.append(f"train.init_inner_from={args.init_inner_from}")
     if args.preset:
         return load_preset(args.preset, overrides)
     if args.config:
         return load_config(args.config, overrides)
+    return None
+
+
+def _load_run_config(args: argparse.Namespace) -> MDMConfig:
+    """--preset / --config with --set overrides; on --resume without either, the run directory's config."""
+    overrides = list(args.set or [])
+    if args.init_inner_from:
+        overrides.append(f"train.init_inner_from={args.init_inner_from}")
+    cfg = _given_config(args, overrides)
+    if cfg is not None:
+        return cfg
     saved = Path(args.out) / "config.yaml"
     if args.resume and saved.is_file():
         return load_config(saved, overrides)
@@ -127,12 +148,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from mdm.data.shapes import ShapesDataset
     from mdm.pipeline import MDMPipeline
     from mdm.train.distributed import cleanup
     from mdm.train.trainer import Trainer
 
     out = Path(args.out)
-    cfg = load_preset("demo", list(args.set or []))
+    cfg = load_preset(args.preset, list(args.set or []))
+    if cfg.data.dataset != "shapes":
+        raise ConfigError(f"mdm demo: preset {args.preset!r} does not train on the built-in shapes")
     trainer = Trainer(cfg, out, resume="latest" if (out / "checkpoints" / "latest").exists() else None)
     try:
         final = trainer.fit()
@@ -141,26 +165,57 @@ def _demo(args: argparse.Namespace) -> int:
     if not trainer.env.is_main:
         return 0
     pipe = MDMPipeline.from_pretrained(final)
-    labels = [c for c in range(cfg.model.num_classes) for _ in range(args.per_class)]
+    m, d = pipe.config.model, cfg.data
+    if m.num_classes:
+        labels = [c for c in range(m.num_classes) for _ in range(args.per_class)]
+        kwargs: dict = {"class_labels": labels}
+        titles = [m.class_names[c] for c in labels]
+    else:
+        held_out = ShapesDataset(m.image_size, d.num_samples, d.shapes, d.colors, seed=d.seed + 1)
+        titles = held_out.prompts(args.per_class)
+        kwargs = {"prompt": titles}
     result = pipe(
-        class_labels=labels,
+        **kwargs,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         output_type="pt",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    names = [pipe.config.model.class_names[c] for c in labels]
-    grid = save_png(sample_grid(result.levels, names, ncols=2 * args.per_class), out / "demo_samples.png")
-    print(f"trained demo model: {final}\nsamples (every class, all levels): {grid}\nloss curve: {out / 'loss.png'}")
+    grid = save_png(sample_grid(result.levels, titles, ncols=2 * args.per_class), out / "demo_samples.png")
+    what = "every class" if m.num_classes else "captions of unseen scenes, per class"
+    print(f"trained demo model: {final}\nsamples ({what}, all levels): {grid}\nloss curve: {out / 'loss.png'}")
     return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from mdm.data.check import check_folder
+    from mdm.data.check import check_data
 
-    report = check_folder(args.path, min_size=args.min_size, max_pixels=args.max_pixels, progress=not args.quiet)
+    report = check_data(args.path, min_size=args.min_size, max_pixels=args.max_pixels, progress=not args.quiet)
     print("\n".join(report.lines()))
     return 1 if report.problems else 0
+
+
+def _data_embed(args: argparse.Namespace) -> int:
+    from mdm.data.loader import build_dataset, dataset_captions
+    from mdm.text.cache import write_cache
+    from mdm.text.encoders import build_encoder
+
+    cfg = _given_config(args, list(args.set or []))
+    if cfg is None:
+        raise ConfigError("give --preset NAME or --config FILE (the data and text encoder to use)")
+    if cfg.text.encoder is None:
+        raise ConfigError("text.encoder is unset: the config has no text encoder to precompute")
+    out = args.out or cfg.text.cache
+    if out is None:
+        raise ConfigError("give --out DIR (or set text.cache in the config)")
+    dataset = build_dataset(cfg.data, cfg.model.image_size, need_captions=True)
+    captions = dataset_captions(dataset)
+    encoder = build_encoder(cfg.text)
+    if args.device:
+        encoder.to(args.device)
+    write_cache(encoder, captions, out, args.batch_size, args.dtype, progress=not args.quiet)
+    print(f"cached the features of {len(set(captions)) + 1} caption(s) at {out}; train with --set text.cache={out}")
+    return 0
 
 
 def _data_pack(args: argparse.Namespace) -> int:
@@ -168,6 +223,38 @@ def _data_pack(args: argparse.Namespace) -> int:
 
     shards = pack(args.folder, args.out, args.shard_size)
     print(f"wrote {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mdm.eval.evaluate import evaluate_model
+    from mdm.train.distributed import cleanup, setup
+
+    env = setup(args.device)
+    try:
+        report = evaluate_model(
+            args.model,
+            args.num,
+            data=args.data,
+            reference=args.ref,
+            inception=args.inception,
+            clip=args.clip,
+            oracle=args.oracle,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            save_reference=args.save_ref,
+            device=env.device,
+            progress=not args.quiet,
+        )
+    finally:
+        cleanup()
+    if env.is_main:
+        print(report.table())
+        print(f"results: {report.save(args.out)}")
+        if args.save_ref:
+            print(f"reference statistics: {args.save_ref}")
     return 0
 
 
@@ -196,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a model directory; one PNG per sample, all levels side by side")
     s.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
     s.add_argument("--labels", nargs="+", default=None, help="class indices or names, e.g. 3 'red circle'")
+    s.add_argument("--prompt", nargs="+", default=None, help="text prompt(s), encoded by the model's text encoder")
+    s.add_argument("--negative-prompt", default=None, help="the unconditional branch's prompt (default: empty)")
+    s.add_argument("--text-encoder", default=None, help="text encoder dir or hub id (default: from config.yaml)")
     s.add_argument("--prompt-embeds", default=None, help="safetensors with 'text' (B,S,D) and 'mask' (B,S)")
     s.add_argument("--negative-embeds", default=None, help="safetensors with the unconditional text")
     s.add_argument("--num", type=int, default=1, help="images per label / prompt")
@@ -225,18 +315,32 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect training data")
     data_sub = data.add_subparsers(dest="action", required=True)
     chk = data_sub.add_parser("check", help="counts, resolutions, captions and every unusable file (exit 1 if any)")
-    chk.add_argument("path", help="image folder (class subfolders, metadata.jsonl or sidecar .txt captions)")
+    chk.add_argument(
+        "path", help="image folder, tar shards (.tar, directory, glob, {a..b} pattern) or an ml-mdm index/shard .tsv"
+    )
     chk.add_argument("--min-size", type=int, default=0, help="report images whose shorter side is below this")
     chk.add_argument("--max-pixels", type=int, default=89_478_485, help="report images larger than this")
     chk.add_argument("--quiet", action="store_true", help="no progress bar")
     chk.set_defaults(func=_data_check)
-    pk = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards")
+    pk = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards (and classes.txt)")
     pk.add_argument("folder", help="image folder (class subfolders, metadata.jsonl or sidecar .txt captions)")
     pk.add_argument("out", help="output directory for shard-NNNNNN.tar")
     pk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     pk.set_defaults(func=_data_pack)
 
-    d = sub.add_parser("demo", help="train the tiny demo model on built-in shapes and write samples per class")
+    em = data_sub.add_parser("embed", help="precompute the text features of every caption (read via text.cache)")
+    em.add_argument("--preset", default=None, help="shipped preset naming the data and text encoder")
+    em.add_argument("--config", default=None, help="config YAML naming the data and text encoder")
+    em.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    em.add_argument("--out", default=None, help="cache directory (default: the config's text.cache)")
+    em.add_argument("--batch-size", type=int, default=64, help="captions per encoder call")
+    em.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored dtype")
+    em.add_argument("--device", default=None, help="where the encoder runs (cpu, cuda)")
+    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    em.set_defaults(func=_data_embed)
+
+    d = sub.add_parser("demo", help="train a tiny demo model on built-in shapes and write samples per class")
+    d.add_argument("--preset", default="demo", help="demo (class-conditional) or demo-text (captions)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config value")
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
@@ -244,6 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-class", type=int, default=4, help="samples per class")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    ev = sub.add_parser(
+        "eval", help="FID / KID per level, cross-level consistency, CLIP score, shapes oracle (torchrun: per rank)"
+    )
+    ev.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
+    against = ev.add_mutually_exclusive_group(required=True)
+    against.add_argument("--data", help="'shapes' (built-in, at the model's size) or an image folder / tar shards")
+    against.add_argument("--ref", help="reference statistics .npz (mu, sigma) of the top level, from --save-ref")
+    ev.add_argument("--num", type=int, required=True, help="samples to generate (and data images to compare with)")
+    ev.add_argument("--batch-size", type=int, default=50, help="samples per sampling call, per process")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
+    ev.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
+    ev.add_argument("--inception", default=None, help="TorchScript Inception .pt (default: $MDM_INCEPTION_PATH)")
+    ev.add_argument("--save-ref", default=None, help="write the data's top-level statistics to this .npz")
+    ev.add_argument("--clip", default=None, help="local transformers CLIP directory: CLIP score")
+    ev.add_argument("--oracle", action="store_true", help="built-in shapes: oracle accuracy, FD and floor")
+    ev.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU, else CPU)")
+    ev.add_argument("--out", default="eval.json", help="results JSON")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
     return p
 
 

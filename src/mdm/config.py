@@ -129,6 +129,10 @@ class DiffusionConfig:
         metadata={"help": "per-level SNR shift SNR/s**p, or the same schedule at every level"},
     )
     shift_power: float = field(default=1.0, metadata={"help": "p in SNR_l = SNR / s_l**p"})
+    shift_base_size: int | None = field(
+        default=None,
+        metadata={"help": "side s_l is relative to (s_l = side / this); None = the lowest level (no shift on it)"},
+    )
     prediction_type: Prediction = field(default="v", metadata={"help": "what the network outputs"})
     loss_target: Prediction = field(default="eps", metadata={"help": "space the loss is measured in"})
     level_weights: list[float] | None = field(
@@ -144,10 +148,25 @@ class DiffusionConfig:
 
 @dataclass
 class TextConfig:
-    """Which text encoder produces the conditioning features."""
+    """Which text encoder produces the conditioning features, and how prompts are tokenised."""
 
-    encoder: str | None = field(default=None, metadata={"help": "local dir or hub id of the encoder, None = none"})
-    max_length: int = field(default=128, metadata={"help": "token limit"})
+    encoder: Literal["bytes", "t5", "clip"] | None = field(
+        default=None,
+        metadata={
+            "help": "bytes (built in, trained with the model), t5 or clip (transformers, frozen); None = no text"
+        },
+    )
+    path: str | None = field(default=None, metadata={"help": "t5/clip: local directory or hub id of the weights"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "t5/clip: weight dtype"})
+    vocab: str | None = field(
+        default=None,
+        metadata={"help": "t5: ml-mdm's t5.vocab for the released models' tokenisation (default: PATH/t5.vocab)"},
+    )
+    max_length: int = field(default=128, metadata={"help": "token limit (the end token included)"})
+    max_chars: int = field(default=512, metadata={"help": "prompts are cut to this many characters first"})
+    cache: str | None = field(
+        default=None, metadata={"help": "directory of precomputed features (`mdm data embed`), used when set"}
+    )
 
 
 @dataclass
@@ -156,10 +175,13 @@ class DataConfig:
 
     dataset: Literal["shapes", "folder", "shards"] = field(
         default="shapes",
-        metadata={"help": "shapes (built in), folder (class subfolders / metadata.jsonl / .txt) or shards (tar)"},
+        metadata={
+            "help": "shapes (built in), folder (class subfolders / metadata.jsonl / .txt) or shards (tar or ml-mdm TSV)"
+        },
     )
     path: str | None = field(
-        default=None, metadata={"help": "folder: the image folder; shards: a .tar, a directory, glob or {a..b} pattern"}
+        default=None,
+        metadata={"help": "folder: the image folder; shards: a .tar, directory, glob, {a..b} pattern or ml-mdm .tsv"},
     )
     crop: Literal["center", "random"] = field(default="center", metadata={"help": "folder: square crop"})
     flip: bool = field(default=False, metadata={"help": "folder: random horizontal flips"})
@@ -528,10 +550,26 @@ def validate(cfg: MDMConfig, source: str = "<config>") -> None:
     _check(d.num_train_timesteps >= 2, source, "diffusion.num_train_timesteps", "must be >= 2")
     _check(0.0 <= d.cond_drop_prob < 1.0, source, "diffusion.cond_drop_prob", "must be in [0, 1)")
     _check(d.shift_power >= 0, source, "diffusion.shift_power", "must be >= 0")
+    _check(d.shift_base_size is None or d.shift_base_size > 0, source, "diffusion.shift_base_size", "must be positive")
     _check(0 < d.beta_start < d.beta_end < 1, source, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
     _check(d.logsnr_min < d.logsnr_max, source, "diffusion.logsnr_min", "must be below logsnr_max")
-    _check(cfg.text.max_length > 0, source, "text.max_length", "must be positive")
+    _validate_text(cfg, source)
     _validate_train(cfg, source)
+
+
+def _validate_text(cfg: MDMConfig, source: str) -> None:
+    t = cfg.text
+    _check(t.max_length > 0, source, "text.max_length", "must be positive")
+    _check(t.max_chars > 0, source, "text.max_chars", "must be positive")
+    if t.encoder is not None:
+        _check(
+            cfg.model.text_dim > 0, source, "text.encoder", "is set, but model.text_dim = 0 (the model takes no text)"
+        )
+    if t.encoder in ("t5", "clip"):
+        _check(
+            t.path is not None, source, "text.path", f"is needed for text.encoder = {t.encoder} (a directory or hub id)"
+        )
+    _check(t.vocab is None or t.encoder == "t5", source, "text.vocab", "applies to text.encoder = t5 only")
 
 
 def mixed_fractions(ratio: list[float]) -> list[float]:

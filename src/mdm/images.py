@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +52,22 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def sample_grid(levels: list[torch.Tensor], titles: list[str], ncols: int = 4) -> Image.Image:
-    """A titled cell per sample, each cell every level side by side (highest first), upscaled to >= 128 px."""
+    """A titled cell per sample, each cell every level side by side (highest first), upscaled to >= 128 px.
+
+    Titles wrap to the cell width (captions can be long).
+    """
     scale = max(1, 128 // levels[0].shape[-1])
     labels = [f"{lv.shape[-1]}px" for lv in levels]
     strips = level_strip([F.interpolate(lv.float(), scale_factor=scale, mode="nearest") for lv in levels], labels)
-    w, h = strips[0].width, strips[0].height + 12
+    w = strips[0].width
+    wrapped = [textwrap.wrap(title, max(8, w // 6)) or [""] for title in titles]
+    title_h = 11 * max(len(lines) for lines in wrapped) + 1
+    h = strips[0].height + title_h
     nrows = -(-len(strips) // ncols)
     canvas = Image.new("RGB", (ncols * (w + 4), nrows * (h + 4)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (strip, title) in enumerate(zip(strips, titles, strict=True)):
+    for i, (strip, lines) in enumerate(zip(strips, wrapped, strict=True)):
         x, y = (i % ncols) * (w + 4), (i // ncols) * (h + 4)
-        draw.text((x + 2, y), title, fill="black")
-        canvas.paste(strip, (x, y + 12))
+        draw.multiline_text((x + 2, y), "\n".join(lines), fill="black", spacing=1)
+        canvas.paste(strip, (x, y + title_h))
     return canvas

@@ -4,13 +4,14 @@ pipeline: `from_pretrained`, `save_pretrained`, and a `__call__` that returns im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from PIL import Image
@@ -23,17 +24,10 @@ from mdm.diffusion.schedule import timestep_grid
 from mdm.images import to_pil, to_uint8
 from mdm.models.conditioning import Conditioning, null_labels
 from mdm.models.unet import NestedUNet
+from mdm.text.encoders import TextEncoder, load_text_encoder
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class TextEncoderLike(Protocol):
-    """Anything that turns prompts into (embeddings (B, S, D), mask (B, S))."""
-
-    dim: int
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -61,18 +55,22 @@ def _resolve_dir(path: str | os.PathLike) -> Path:
 
 
 class MDMPipeline:
-    """Sample Matryoshka Diffusion Models: `pipe(class_labels=[3, 7])` or `pipe(prompt_embeds=...)`."""
+    """Sample Matryoshka Diffusion Models: `pipe(class_labels=[3, 7])`, `pipe(prompt="a red circle")`.
+
+    Without an explicit `text_encoder`, the one the config names (`text.encoder`, `text.path`) is loaded the
+    first time a prompt is encoded.
+    """
 
     def __init__(
         self,
         unet: NestedUNet,
         config: MDMConfig,
-        text_encoder: TextEncoderLike | None = None,
+        text_encoder: TextEncoder | None = None,
         provenance: dict[str, str] | None = None,
     ) -> None:
         self.unet = unet
         self.config = config
-        self.text_encoder = text_encoder
+        self._text_encoder = text_encoder
         self.provenance = dict(provenance or {})
         self.diffusion = MultiLevelDiffusion(config.diffusion, config.model.level_sizes())
         self.progress = True
@@ -84,7 +82,7 @@ class MDMPipeline:
         path: str | os.PathLike,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        text_encoder: TextEncoderLike | None = None,
+        text_encoder: TextEncoder | None = None,
     ) -> MDMPipeline:
         """Load `config.yaml` + `model.safetensors` from a directory (or a hub id); nothing is unpickled."""
         d = _resolve_dir(path)
@@ -129,11 +127,28 @@ class MDMPipeline:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
 
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """The prompt encoder: the one given, else the config's (loaded on first use), else None.
+
+        A training feature cache (`text.cache`) is used when it is still there; without it the encoder runs.
+        """
+        text = self.config.text
+        if self._text_encoder is None and text.encoder is not None:
+            if text.cache is not None and not Path(text.cache).is_dir():
+                text = dataclasses.replace(text, cache=None)
+            self._text_encoder = load_text_encoder(text, self.device)
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, encoder: TextEncoder | None) -> None:
+        self._text_encoder = encoder
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MDMPipeline:
-        """Move the network (and the text encoder, if it supports it)."""
+        """Move the network (and a loaded text encoder; features are cast to the network's dtype)."""
         self.unet.to(device=device, dtype=dtype)
-        if self.text_encoder is not None and hasattr(self.text_encoder, "to"):
-            self.text_encoder.to(device)
+        if self._text_encoder is not None and device is not None:
+            self._text_encoder.to(device)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
@@ -152,9 +167,15 @@ class MDMPipeline:
 
     # ------------------------------------------------------------------------------------------------------
     def _text(self, prompts: list[str]) -> Conditioning:
-        if self.text_encoder is None:
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds/prompt_mask instead of prompt")
-        emb, mask = self.text_encoder.encode(prompts)
+        encoder = self.text_encoder
+        if encoder is None:
+            raise ValueError(
+                "this pipeline has no text encoder (config text.encoder is unset): pass text_encoder= to "
+                "from_pretrained, or prompt_embeds/prompt_mask instead of prompt"
+            )
+        if encoder.dim != self.config.model.text_dim:
+            raise ValueError(f"text encoder width {encoder.dim} != model.text_dim {self.config.model.text_dim}")
+        emb, mask = encoder.encode(prompts)
         return Conditioning(text=emb, text_mask=mask).to(self.device, self.dtype)
 
     def label_ids(self, class_labels: list[int | str] | torch.Tensor | int | str) -> list[int] | torch.Tensor:
@@ -224,7 +245,7 @@ class MDMPipeline:
                 if negative_prompt is None or isinstance(negative_prompt, str)
                 else list(negative_prompt)
             )
-            if self.text_encoder is None:
+            if self._text_encoder is None and self.config.text.encoder is None:
                 raise ValueError(
                     "guidance needs the unconditional text: pass negative_prompt_embeds (the encoded "
                     "empty prompt) or attach a text encoder"
@@ -241,8 +262,8 @@ class MDMPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: list[int | str] | torch.Tensor | None = None,
         prompt: str | list[str] | None = None,
+        class_labels: list[int | str] | torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -262,9 +283,10 @@ class MDMPipeline:
     ) -> MDMPipelineOutput:
         """Generate images; every level of the pyramid is returned in `levels`.
 
-        `batch_size` applies to unconditional models. `latents` are the starting noise per level (highest
-        first); otherwise they are drawn from `generator` level by level. `output_type`: "pil", "np"
-        (uint8 NHWC) or "pt" (float in [-1, 1]).
+        Text models take `prompt` (the first argument, as in diffusers) or `prompt_embeds`; class models take
+        `class_labels` (indices or names). `batch_size` applies to unconditional models. `latents` are the
+        starting noise per level (highest first); otherwise they are drawn from `generator` level by level.
+        `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")

@@ -1,4 +1,4 @@
-"""`mdm data check`: what a training folder holds and every sample that cannot be used, before a run starts."""
+"""`mdm data check`: what a folder, tar shards or an ml-mdm TSV hold and every unusable sample, before a run starts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mdm.data.folder import BadSample, FolderDataset, ReadOptions, load_image
+from mdm.data.folder import IMAGE_SUFFIXES, BadSample, FolderDataset, ReadOptions, load_image
+from mdm.data.shards import ShardDataset
 
 SIDE_BINS = (64, 128, 256, 512, 1024)
 
@@ -52,29 +53,32 @@ class Report:
         return out
 
 
-def check_folder(root: str | Path, min_size: int = 0, max_pixels: int = 89_478_485, progress: bool = True) -> Report:
-    """Open every sample of an image folder the way training would and report what is there."""
-    ds = FolderDataset(root, ReadOptions(max(1, min_size), max_pixels=max_pixels))
-    layout = (
-        "metadata.jsonl"
-        if (ds.root / "metadata.jsonl").is_file()
-        else f"class folders ({ds.num_classes} classes)"
-        if ds.class_names
-        else "flat folder with sidecar captions"
-    )
-    report = Report(ds.root, layout, samples=len(ds))
-    for path, caption, label in tqdm(ds.items, desc="check", disable=not progress):
+def is_image_folder(path: Path) -> bool:
+    """A directory is read as an image folder unless it holds `.tar` shards and no images."""
+    if not path.is_dir():
+        return False
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+    return has_images or (path / "metadata.jsonl").is_file() or not any(path.glob("*.tar"))
+
+
+def check_data(path: str | Path, min_size: int = 0, max_pixels: int = 89_478_485, progress: bool = True) -> Report:
+    """Open every sample of an image folder, tar shards or an ml-mdm TSV the way training would and report it.
+
+    `path` is an image folder, or anything `data.path` accepts for shards (.tar, directory, glob, brace pattern, .tsv).
+    """
+    options = ReadOptions(max(1, min_size), max_pixels=max_pixels)
+    ds = FolderDataset(path, options) if is_image_folder(Path(path)) else ShardDataset(str(path), options)
+    report = Report(Path(path), ds.layout, samples=len(ds))
+    for index in tqdm(range(len(ds)), desc="check", disable=not progress):
+        name, caption, label = ds.describe(index)
         if ds.class_names and label >= 0:
             report.classes[ds.class_names[label]] += 1
         if caption:
             report.words.append(len(caption.split()))
         try:
-            image = load_image(path, ds.options.smallest, max_pixels)
+            image = load_image(name, ds.options.smallest, max_pixels, data=ds.read(index))
         except BadSample as e:
             report.problems.append(str(e))
-            continue
-        except FileNotFoundError:
-            report.problems.append(f"{path}: listed but missing")
             continue
         report.sides[sum(min(image.size) >= b for b in SIDE_BINS)] += 1
     return report

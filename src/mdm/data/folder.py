@@ -53,7 +53,10 @@ def load_image(path: Path | str, min_size: int, max_pixels: int, data: bytes | N
 
     Raises BadSample naming the problem.
     """
-    size = len(data) if data is not None else Path(path).stat().st_size
+    try:
+        size = len(data) if data is not None else Path(path).stat().st_size
+    except FileNotFoundError:
+        raise BadSample(f"{path}: listed but missing") from None
     if size == 0:
         raise BadSample(f"{path}: empty file")
     try:
@@ -111,21 +114,41 @@ class ReadOptions:
 
 
 class ImageDataset(Dataset):
-    """Shared reading: decode, check, resize and crop; `__getitem__` passes over unusable samples."""
+    """Shared reading: decode, check, resize and crop; `__getitem__` passes over unusable samples.
+
+    Each storage layout says what sample `index` is (`describe`) and where its bytes are (`read`), and names
+    itself in `layout` (for reports).
+    """
 
     options: ReadOptions
     items: list
+    class_names: list[str]
+    layout: str
 
-    def load(self, index: int) -> dict:
-        """Sample `index` or BadSample (implemented by each storage layout)."""
+    def describe(self, index: int) -> tuple[str, str | None, int]:
+        """(name, caption or None, label or -1) of sample `index`; the name is a file or an archive member."""
         raise NotImplementedError
 
-    def sample(self, name: str, caption: str | None, label: int, index: int, data: bytes | None = None) -> dict:
-        """The training item of the image at `name` (or its `data`), with the checks of `options`."""
+    def read(self, index: int) -> bytes | None:
+        """The image bytes of sample `index`, or None when its `describe` name is the file to open (or BadSample)."""
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 without labels)."""
+        return len(self.class_names)
+
+    def captions(self) -> list[str]:
+        """The caption of every sample ("" where there is none), read without decoding any image."""
+        return [self.describe(i)[1] or "" for i in range(len(self))]
+
+    def load(self, index: int) -> dict:
+        """Sample `index` or BadSample."""
+        name, caption, label = self.describe(index)
         o = self.options
         if o.need_captions and not caption:
             raise BadSample(f"{name}: no caption")
-        image = load_image(name, o.smallest, o.max_pixels, data=data)
+        image = load_image(name, o.smallest, o.max_pixels, data=self.read(index))
         rng = np.random.default_rng([o.seed, index])
         return {
             "image": resize_crop(image, o.image_size, o.crop, o.flip, rng),
@@ -194,11 +217,15 @@ class FolderDataset(ImageDataset):
         return items, subdirs if classed else []
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for a caption-only folder)."""
-        return len(self.class_names)
+    def layout(self) -> str:
+        """Which of the three folder layouts was found."""
+        if (self.root / "metadata.jsonl").is_file():
+            return "metadata.jsonl"
+        if self.class_names:
+            return f"class folders ({self.num_classes} classes)"
+        return "flat folder with sidecar captions"
 
-    def load(self, index: int) -> dict:
-        """Sample `index` or BadSample."""
+    def describe(self, index: int) -> tuple[str, str | None, int]:
+        """(image path, caption or None, label or -1) of sample `index`."""
         path, caption, label = self.items[index]
-        return self.sample(str(path), caption, label, index)
+        return str(path), caption, label

@@ -32,6 +32,13 @@ def build_dataset(config: DataConfig, image_size: int, need_captions: bool = Fal
     raise ValueError(f"data.dataset: unknown dataset {config.dataset!r}")
 
 
+def dataset_captions(dataset: Dataset) -> list[str]:
+    """Every non-empty caption of a dataset, read without decoding images where it lists them (`captions()`)."""
+    if hasattr(dataset, "captions"):
+        return [c for c in dataset.captions() if c]
+    return [c for i in range(len(dataset)) if (c := dataset[i]["caption"])]
+
+
 class StreamSampler(Sampler[list[tuple[int, int]]]):
     """Endless batches of (position, index) pairs for one rank, starting at stream position `start`."""
 

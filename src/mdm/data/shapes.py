@@ -163,6 +163,21 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def captions(self) -> list[str]:
+        """The caption of every image, without rendering any."""
+        return [self.scene(i).caption for i in range(self.num_samples)]
+
+    def prompts(self, per_class: int = 1) -> list[str]:
+        """Captions of the first `per_class` scenes of every class, in label order (demo and sample prompts)."""
+        found: dict[int, list[str]] = {c: [] for c in range(self.num_classes)}
+        index = 0
+        while any(len(v) < per_class for v in found.values()):
+            scene = self.scene(index)
+            if len(found[scene.label]) < per_class:
+                found[scene.label].append(scene.caption)
+            index += 1
+        return [caption for c in range(self.num_classes) for caption in found[c]]
+
     def scene(self, index: int) -> Scene:
         """The scene of image `index`, drawn from a generator seeded by (seed, index)."""
         rng = np.random.default_rng([self.seed, index])

@@ -1,26 +1,37 @@
-"""Tar shards in the img2dataset / WebDataset layout, read by random access, and `mdm data pack`.
+"""Tar shards read by random access: the img2dataset / WebDataset layout, the Apple ml-mdm TSV layout, `mdm data pack`.
 
-A sample is the set of members sharing a key: `key.jpg|jpeg|png|webp` (the image), `key.txt` (caption),
-`key.json` (a 'caption' or 'text' field, used when there is no .txt) and `key.cls` (an integer label).
-Shards are named by local paths, directories (every `*.tar` in them), globs, or brace patterns such as
-`data/{000000..000099}.tar`. Each shard is indexed once (member offsets), so any sample can be read
-directly and the trainer's global shuffling and resumable positions apply unchanged.
+WebDataset: a sample is the set of members sharing a key: `key.jpg|jpeg|png|webp` (the image), `key.txt` (caption),
+`key.json` (a 'caption' or 'text' field, used when there is no .txt) and `key.cls` (an integer label). Shards are
+named by local paths, directories (every `*.tar` in them), globs, or brace patterns such as
+`data/{000000..000099}.tar`; a `classes.txt` beside them (line i = the name of label i) names the classes.
+
+ml-mdm: a shard TSV (header `tar`, `file`, `caption`) lists one image member per row with its caption; an index TSV
+(header `filename`) lists shard TSVs. Relative paths resolve against the directory of the TSV naming them; a row
+whose tar or member is missing is an unusable sample.
+
+Each tar is indexed once (member offsets), so any sample can be read directly and the trainer's global shuffling
+and resumable positions apply unchanged.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
-from mdm.data.folder import BadSample, FolderDataset, ImageDataset, ReadOptions
+from mdm.data.folder import IMAGE_SUFFIXES, BadSample, FolderDataset, ImageDataset, ReadOptions
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+_COMMON = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTS = _COMMON + tuple(sorted(IMAGE_SUFFIXES.difference(_COMMON)))  # a sample's image: the first one present
 _BRACE = re.compile(r"\{([^{}]*)\}")
+_ZERO_BLOCK = bytes(512)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -56,89 +67,273 @@ def shard_paths(spec: str) -> list[Path]:
     return out
 
 
-def _index(shard: Path) -> list[dict]:
-    """Samples of one shard: key -> {ext: (offset, size)}, in member order."""
-    samples: dict[str, dict] = {}
+class _Entry(NamedTuple):
+    """One sample: its tar, image member and (offset, size) there, label, and where its caption is."""
+
+    tar: Path
+    name: str  # the image member (WebDataset: the key when there is no image)
+    image: tuple[int, int] | None
+    label: int = -1
+    caption: str | None = None  # from an ml-mdm TSV row
+    text: tuple[int, int] | None = None  # WebDataset .txt member
+    meta: tuple[int, int] | None = None  # WebDataset .json member
+    problem: str = ""  # why there is no image
+
+
+def _read_at(handle: BinaryIO, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar: every member read (index scan or sample) goes through here."""
+    handle.seek(offset)
+    return handle.read(size)
+
+
+class _NeedsTarfile(Exception):
+    """A tar header the fast reader does not parse (pax, GNU long names, links, a bad checksum): use tarfile."""
+
+
+def _octal(field: bytes) -> int:
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = os.path.splitext(member.name)
-                samples.setdefault(key, {"key": key, "shard": shard})[ext.lower()] = (member.offset_data, member.size)
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # base-256 (huge) numbers or not a tar header at all
+        raise _NeedsTarfile from None
+
+
+def _ustar_members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of the files in a plain ustar tar, parsing only those fields of each header.
+
+    About four times faster than tarfile, which decodes every field; raises _NeedsTarfile for any other header, and
+    for an empty or truncated file (so that tarfile names the problem).
+    """
+    end = os.fstat(handle.fileno()).st_size
+    offset = 0
+    while offset < end and (block := _read_at(handle, offset, 512)) != _ZERO_BLOCK:
+        kind = block[156:157]
+        # The checksum counts its own 8-byte field as spaces.
+        if (
+            len(block) < 512
+            or kind not in (b"0", b"\0", b"5")
+            or sum(block) - sum(block[148:156]) + 8 * 32 != _octal(block[148:156])
+        ):
+            raise _NeedsTarfile
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\0" and block[345]:
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = _octal(block[124:136])
+        if kind != b"5" and not name.endswith(b"/"):
+            yield name.decode("utf-8", "surrogateescape"), offset + 512, size
+        offset += 512 + -(-size // 512) * 512
+    if end == 0 or offset > end:
+        raise _NeedsTarfile
+
+
+def _scan(tar: Path, read: tuple[str, ...] = ()) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
+    """One pass over a tar: each file member -> (offset, size) in member order, and the contents of those ending in
+    `read` (small metadata such as `.cls` labels, so start-up needs no second pass)."""
+
+    def collect(found: Iterable[tuple[str, int, int]]) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
+        members, contents = {}, {}
+        for name, offset, size in found:
+            members[name] = (offset, size)
+            if read and name.lower().endswith(read):
+                contents[name] = _read_at(handle, offset, size)
+        return members, contents
+
+    try:
+        with open(tar, "rb") as handle:
+            try:
+                return collect(_ustar_members(handle))
+            except _NeedsTarfile:
+                handle.seek(0)
+                with tarfile.open(fileobj=handle, mode="r:") as archive:
+                    return collect((m.name, m.offset_data, m.size) for m in archive if m.isfile())
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
-    return list(samples.values())
+        raise ValueError(f"{tar}: not a readable tar shard ({e}; expected an uncompressed tar)") from None
+
+
+def _label(raw: bytes | None) -> int:
+    """The integer in a `.cls` member, or -1 when there is none or it is not an integer."""
+    try:
+        return int(raw.decode().strip()) if raw else -1
+    except (ValueError, UnicodeDecodeError):
+        return -1
+
+
+def _webdataset(shard: Path) -> list[_Entry]:
+    """Samples of one WebDataset shard in member order, labels read during the index scan."""
+    members, contents = _scan(shard, read=(".cls",))
+    groups: dict[str, dict[str, str]] = {}
+    for name in members:
+        key, ext = os.path.splitext(name)
+        groups.setdefault(key, {})[ext.lower()] = name
+    entries = []
+    for key, exts in groups.items():
+        image = next((exts[e] for e in IMAGE_EXTS if e in exts), None)
+        text, meta = exts.get(".txt"), exts.get(".json")
+        entries.append(
+            _Entry(
+                shard,
+                image or key,
+                members[image] if image else None,
+                label=_label(contents.get(exts.get(".cls", ""))),
+                text=members[text] if text else None,
+                meta=members[meta] if meta else None,
+                problem="" if image else f"{shard}:{key}: no image member ({'/'.join(IMAGE_EXTS)})",
+            )
+        )
+    return entries
+
+
+def _class_names(shards: list[Path], labels: list[int]) -> list[str]:
+    """Names from the `classes.txt` beside the shards when present, else '0'..'K-1' up to the largest label."""
+    top = max(labels, default=-1)
+    files = [f for f in sorted({p.parent / "classes.txt" for p in shards}) if f.is_file()]
+    if not files:
+        return [str(i) for i in range(top + 1)]
+    names = [line.strip() for line in files[0].read_text(encoding="utf-8").splitlines()]
+    if "" in names:
+        raise ValueError(f"{files[0]}:{names.index('') + 1}: empty line; expected one class name per line")
+    for other in files[1:]:
+        if [line.strip() for line in other.read_text(encoding="utf-8").splitlines()] != names:
+            raise ValueError(f"{other}: lists other classes than {files[0]}; the shards must share one classes.txt")
+    if top >= len(names):
+        raise ValueError(f"{files[0]}: names {len(names)} classes but the shards hold label {top} (line i: label i)")
+    return names
+
+
+_SHARD_COLUMNS = ("tar", "file", "caption")
+
+
+def _tsv(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Header and (line, *values of `columns`) rows of a TSV with '"' quoting, as ml-mdm reads it.
+
+    A header without `columns`, or a row too short for them, is an error naming the file (and line)."""
+    rows: list[tuple[int, ...]] = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quotechar='"')
+            header = [h.strip() for h in next(reader, [])]
+            if not columns:
+                return header, rows
+            if not set(columns) <= set(header):
+                raise ValueError(f"{path}: expected a header row with the columns {', '.join(columns)}; found {header}")
+            at = [header.index(c) for c in columns]
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) <= max(at):
+                    raise ValueError(f"{path}:{reader.line_num}: expected the tab-separated fields {', '.join(header)}")
+                rows.append((reader.line_num, *(row[i] for i in at)))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable TSV ({e})") from None
+    return header, rows
+
+
+def _ml_mdm(path: Path) -> tuple[list[_Entry], str]:
+    """Samples of an ml-mdm index or shard TSV in row order (each tar indexed once), and the layout in words."""
+    header = _tsv(path)[0]
+    if "filename" in header:
+        tsvs = [
+            (Path(os.path.normpath(path.parent / name)), f"{path}:{line}")
+            for line, name in _tsv(path, ("filename",))[1]
+        ]
+        what = f"index TSV ({len(tsvs)} shard TSVs, "
+    elif set(_SHARD_COLUMNS) <= set(header):
+        tsvs, what = [(path, str(path))], "shard TSV ("
+    else:
+        raise ValueError(
+            f"{path}: expected a header row with the column 'filename' (an ml-mdm index TSV) or the columns "
+            f"{', '.join(_SHARD_COLUMNS)} (a shard TSV); found {header}"
+        )
+    indexed: dict[Path, dict[str, tuple[int, int]] | str] = {}
+    entries = []
+    for tsv, listed in tsvs:
+        if not tsv.is_file():
+            raise FileNotFoundError(f"{listed}: shard TSV {tsv} does not exist")
+        tars: dict[str, Path] = {}
+        for line, tar_name, file, caption in _tsv(tsv, _SHARD_COLUMNS)[1]:
+            tar = tars.get(tar_name)
+            if tar is None:
+                tar = tars[tar_name] = Path(os.path.normpath(tsv.parent / tar_name))
+            if tar not in indexed:
+                try:
+                    indexed[tar] = _scan(tar)[0]
+                except ValueError as e:
+                    indexed[tar] = str(e)
+            members = indexed[tar]
+            if isinstance(members, str):
+                image, problem = None, f"{tsv}:{line}: {members}"
+            else:
+                image = members.get(file)
+                problem = "" if image else f"{tsv}:{line}: {tar} has no member {file!r}"
+            entries.append(_Entry(tar, file, image, caption=caption, problem=problem))
+    return entries, f"ml-mdm {what}{len(indexed)} tars)"
 
 
 class ShardDataset(ImageDataset):
-    """Images with captions and labels from tar shards; unusable samples are replaced and counted as in folders."""
+    """Images with captions and labels from tar shards or ml-mdm TSVs; unusable samples are replaced and counted."""
 
     def __init__(self, spec: str, options: ReadOptions) -> None:
-        self.shards = shard_paths(spec)
         self.options = options
-        self.items = [s for shard in self.shards for s in _index(shard)]
+        if spec.lower().endswith(".tsv"):
+            path = Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.path: {path} does not exist")
+            self.items, self.layout = _ml_mdm(path)
+            self.class_names: list[str] = []
+        else:
+            shards = shard_paths(spec)
+            self.items = [e for shard in shards for e in _webdataset(shard)]
+            self.layout = f"WebDataset tar shards ({len(shards)} shards)"
+            self.class_names = _class_names(shards, [e.label for e in self.items])
         if not self.items:
-            raise ValueError(f"data.path: the shards {spec!r} hold no samples")
-        self._files: dict[Path, object] = {}
-        labels = [self._read_label(s) for s in self.items]
-        top = max(labels)
-        self.class_names = [str(i) for i in range(top + 1)] if top >= 0 else []
+            raise ValueError(f"data.path: {spec!r} holds no samples")
+        self._files: dict[Path, BinaryIO] = {}
 
-    def _bytes(self, sample: dict, ext: str) -> bytes | None:
-        if ext not in sample:
-            return None
-        handle = self._files.get(sample["shard"])
+    def _bytes(self, tar: Path, where: tuple[int, int]) -> bytes:
+        handle = self._files.get(tar)
         if handle is None:
-            handle = self._files[sample["shard"]] = open(sample["shard"], "rb")  # noqa: SIM115 (kept open per worker)
-        offset, size = sample[ext]
-        handle.seek(offset)
-        return handle.read(size)
+            handle = self._files[tar] = open(tar, "rb")  # noqa: SIM115 (kept open per worker)
+        return _read_at(handle, *where)
 
-    def _read_label(self, sample: dict) -> int:
-        raw = self._bytes(sample, ".cls")
-        try:
-            return int(raw.decode().strip()) if raw else -1
-        except ValueError:
-            return -1
+    def describe(self, index: int) -> tuple[str, str | None, int]:
+        """('tar:member', caption or None, label or -1) of sample `index`; the caption is read here when stored."""
+        e = self.items[index]
+        return f"{e.tar}:{e.name}", self._caption(e), e.label
 
-    def _caption(self, sample: dict) -> str | None:
-        text = self._bytes(sample, ".txt")
-        if text is not None:
-            return text.decode("utf-8", errors="replace").strip()
-        meta = self._bytes(sample, ".json")
-        if meta is not None:
+    def _caption(self, e: _Entry) -> str | None:
+        if e.caption is not None:
+            return e.caption
+        if e.text is not None:
+            return self._bytes(e.tar, e.text).decode("utf-8", errors="replace").strip()
+        if e.meta is not None:
             try:
-                row = json.loads(meta)
+                row = json.loads(self._bytes(e.tar, e.meta))
                 return row.get("caption") or row.get("text")
             except (ValueError, AttributeError):
                 return None
         return None
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes found in `.cls` members (0 without labels)."""
-        return len(self.class_names)
+    def read(self, index: int) -> bytes:
+        """The image bytes of sample `index`; BadSample when its tar or image member is missing."""
+        e = self.items[index]
+        if e.image is None:
+            raise BadSample(e.problem)
+        return self._bytes(e.tar, e.image)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}}
 
-    def load(self, index: int) -> dict:
-        """Sample `index` or BadSample."""
-        sample = self.items[index]
-        name = f"{sample['shard']}:{sample['key']}"
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise BadSample(f"{name}: no image member ({'/'.join(IMAGE_EXTS)})")
-        data = self._bytes(sample, ext)
-        return self.sample(name + ext, self._caption(sample), self._read_label(sample), index, data=data)
-
 
 def pack(folder: str | Path, out: str | Path, shard_size: int = 1000) -> list[Path]:
-    """Write an image folder as WebDataset shards `out/shard-NNNNNN.tar` (original bytes, .txt, .cls)."""
+    """Write an image folder as WebDataset shards `out/shard-NNNNNN.tar` (original bytes, .txt, .cls), and
+    `out/classes.txt` when the folder names its classes (a stale one is removed otherwise)."""
     ds = FolderDataset(folder, ReadOptions(1))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    classes = out / "classes.txt"
+    if ds.class_names:
+        classes.write_text("".join(f"{name}\n" for name in ds.class_names), encoding="utf-8")
+    else:
+        classes.unlink(missing_ok=True)
     written = []
     for first in range(0, len(ds.items), shard_size):
         path = out / f"shard-{first // shard_size:06d}.tar"

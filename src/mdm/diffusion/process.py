@@ -98,7 +98,8 @@ class MultiLevelDiffusion:
     def __init__(self, config: DiffusionConfig, sizes: list[int]) -> None:
         self.config = config
         self.sizes = list(sizes)
-        self.scales = [s / sizes[-1] for s in sizes]
+        base = config.shift_base_size or sizes[-1]
+        self.scales = [s / base for s in sizes]
         self._tables: dict[torch.dtype, torch.Tensor] = {}
 
     @property

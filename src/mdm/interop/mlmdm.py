@@ -22,6 +22,8 @@ from mdm.config import ConfigError, DiffusionConfig, MDMConfig, ModelConfig, Tex
 from mdm.interop.safe_load import load_state_dict
 from mdm.models.unet import NestedUNet
 
+DEFAULT_T5 = "google/flan-t5-xl"  # the encoder the released models were trained with
+
 log = logging.getLogger(__name__)
 
 
@@ -260,8 +262,14 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def config_from_mlmdm(path: str | Path, text_dim: int, as_parsed: bool = False) -> MDMConfig:
-    """Translate an ml-mdm model YAML into an MDMConfig; `text_dim` is the text-encoder width (0 = none)."""
+def config_from_mlmdm(
+    path: str | Path, text_dim: int, as_parsed: bool = False, text_encoder: str | None = None
+) -> MDMConfig:
+    """Translate an ml-mdm model YAML into an MDMConfig; `text_dim` is the text-encoder width (0 = none).
+
+    A text model records `text_encoder` (a T5 directory or hub id; default FLAN-T5 XL) with the released
+    models' token and character limits (128 tokens; captions cut to 512 characters at inference).
+    """
     source = str(path)
     data = read_yaml(path)
     unknown = sorted(set(data) - _IGNORED_TOP - _SAMPLER_FIELDS - _DIFFUSION_FIELDS - _UNET_FIELDS)
@@ -348,7 +356,8 @@ def config_from_mlmdm(path: str | Path, text_dim: int, as_parsed: bool = False) 
     if _none(size):
         raise MlmdmError(f"{source}: no image size (sample_image_size or reader_config.image_size)")
     model = ModelConfig(image_size=int(size), text_dim=text_dim, unet=unet)
-    cfg = MDMConfig(model=model, diffusion=diffusion, text=TextConfig(max_length=128))
+    text = TextConfig(encoder="t5", path=text_encoder or DEFAULT_T5, max_chars=512) if text_dim > 0 else TextConfig()
+    cfg = MDMConfig(model=model, diffusion=diffusion, text=text)
     try:
         return cfg.validate(source)
     except ConfigError as e:
@@ -423,6 +432,13 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _encoder_path(text_encoder: Any) -> str | None:
+    """What the converted config records for a text encoder given as a path, hub id or encoder object."""
+    if isinstance(text_encoder, (str, Path)):
+        return str(Path(text_encoder).resolve()) if Path(text_encoder).is_dir() else str(text_encoder)
+    return getattr(text_encoder, "path", None)
+
+
 def load(
     checkpoint: str | Path,
     config_yaml: str | Path,
@@ -443,9 +459,12 @@ def load(
         text_dim = int(text_encoder.dim)
     if text_dim is not None and found and text_dim != found:
         raise MlmdmError(f"{checkpoint}: trained with {found}-wide text features, but text_dim = {text_dim}")
-    cfg = config_from_mlmdm(config_yaml, text_dim=found if text_dim is None else text_dim, as_parsed=as_parsed)
-    if isinstance(text_encoder, (str, Path)):
-        cfg.text.encoder = str(text_encoder)
+    cfg = config_from_mlmdm(
+        config_yaml,
+        text_dim=found if text_dim is None else text_dim,
+        as_parsed=as_parsed,
+        text_encoder=_encoder_path(text_encoder),
+    )
     with torch.device("meta"):
         unet = NestedUNet(cfg.model)
     unet.load_state_dict(check_state_dict(unet, sd, str(checkpoint)), strict=True, assign=True)

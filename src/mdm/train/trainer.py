@@ -32,8 +32,9 @@ from mdm.diffusion.process import MultiLevelDiffusion
 from mdm.images import sample_grid, save_png
 from mdm.models.conditioning import Conditioning, drop, null_labels
 from mdm.models.unet import NestedUNet
-from mdm.pipeline import MDMPipeline, TextEncoderLike
+from mdm.pipeline import MDMPipeline
 from mdm.plots import loss_curve
+from mdm.text.encoders import TextEncoder, load_text_encoder
 from mdm.train import checkpoint, distributed
 from mdm.train.checkpoint import TrainingError
 from mdm.train.ema import EMA
@@ -116,7 +117,7 @@ class Trainer:
         out: str | Path,
         resume: str | None = None,
         device: str | None = None,
-        text_encoder: TextEncoderLike | None = None,
+        text_encoder: TextEncoder | None = None,
         dataset: Dataset | None = None,
         progress: bool = True,
     ) -> None:
@@ -130,10 +131,14 @@ class Trainer:
         self.phases = self.tcfg.phases or [PhaseConfig(levels=n_levels, steps=self.tcfg.steps)]
         self.ends = [sum(p.steps for p in self.phases[: i + 1]) for i in range(len(self.phases))]
         m = self.cfg.model
-        self.text_encoder = text_encoder
+        if text_encoder is None:
+            text_encoder = load_text_encoder(self.cfg.text)
+        self.text_encoder = text_encoder.to(self.device) if text_encoder is not None else None
         if m.text_dim > 0:
             if text_encoder is None:
-                raise ValueError(f"model.text_dim = {m.text_dim}: training on captions needs a text encoder")
+                raise ValueError(
+                    f"model.text_dim = {m.text_dim}: training on captions needs a text encoder (set text.encoder)"
+                )
             if text_encoder.dim != m.text_dim:
                 raise ValueError(f"text encoder width {text_encoder.dim} != model.text_dim {m.text_dim}")
         self.user_dataset = dataset
@@ -507,8 +512,9 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in keep))
             tmp.replace(path)
 
-    def _pipeline(self, state: dict[str, torch.Tensor]) -> MDMPipeline:
-        """A sampling pipeline of the current phase's model with the weights `state` (e.g. the EMA's)."""
+    def ema_pipeline(self, state: dict[str, torch.Tensor] | None = None) -> MDMPipeline:
+        """A sampling pipeline of the current phase's model with the weights `state` (default: the EMA's)."""
+        state = self.ema.state_dict() if state is None else state
         net = NestedUNet(self.sub.model)
         net.load_state_dict(state, strict=True)
         return MDMPipeline(net.to(self.device).eval(), self.sub, text_encoder=self.text_encoder)
@@ -595,7 +601,7 @@ class Trainer:
         state = self.ema.state_dict()
 
         def write() -> None:
-            pipe = self._pipeline(state)
+            pipe = self.ema_pipeline(state)
             if self.tcfg.sample_count:
                 log.info("samples: %s", self._samples(pipe))
             if phase_end:

@@ -1,0 +1,293 @@
+"""An oracle for the built-in shapes: a small CNN that classifies shape x colour, trained on rendered scenes.
+
+It scores generated samples by the accuracy of their requested labels and by the Fréchet distance between
+generated and real images in its penultimate (pooled) feature space, reported next to the real-versus-real floor
+(two disjoint real sets of the same size), which is what a perfect generator would score at that sample count.
+Trained oracles are cached as one safetensors file whose metadata holds the settings (size, shapes, colours).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mdm.data.shapes import ShapesDataset
+from mdm.eval.accumulate import FeatureAccumulator, RunningMean
+from mdm.eval.frechet import frechet_distance
+
+ORACLE_CACHE_ENV = "MDM_ORACLE_CACHE"
+FORMAT = "mdm-oracle/1"
+TRAIN_SEED = 1_000  # oracle training scenes: ShapesDataset seed TRAIN_SEED + seed
+CHECK_SEED = 2_000  # held-out scenes the saved accuracy is measured on
+REAL_SEED = 3_000  # real reference scenes for evaluation (disjoint sets A and B)
+MIN_SIDE = 4  # the network halves the image until it is at most this many pixels across
+IMAGES_PER_CLASS = 2400  # default training length: about this many rendered scenes per class
+BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class OracleSpec:
+    """Everything that defines an oracle: image size, class vocabulary, training length and seed, width."""
+
+    size: int
+    shapes: tuple[str, ...]
+    colors: tuple[str, ...]
+    steps: int
+    seed: int = 0
+    width: int = 16
+    batch_size: int = BATCH_SIZE
+
+    def dataset(self, seed: int, num: int) -> ShapesDataset:
+        """`num` scenes of this vocabulary at this size, drawn with dataset seed `seed` (checks the names)."""
+        return ShapesDataset(self.size, num, list(self.shapes), list(self.colors), seed=seed)
+
+    @property
+    def num_classes(self) -> int:
+        """len(shapes) x len(colors), the ShapesDataset labels."""
+        return len(self.shapes) * len(self.colors)
+
+    def key(self) -> str:
+        """A file name unique to these settings: the size, then a hash of the rest."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return f"oracle-{self.size}px-{digest}"
+
+
+class Oracle(nn.Module):
+    """Conv stem, then stride-2 stages until the side is at most 4 px, global average pool (the features), linear."""
+
+    def __init__(self, spec: OracleSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.accuracy: float | None = None
+        width = spec.width
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU()]
+        side = spec.size
+        while side > MIN_SIDE:
+            wider = min(2 * width, 4 * spec.width)
+            layers += [nn.Conv2d(width, wider, 3, stride=2, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
+            layers += [nn.Conv2d(wider, wider, 3, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
+            width, side = wider, math.ceil(side / 2)
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, spec.num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.head.weight.device
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] NCHW RGB images at the oracle's size, on its device."""
+        s = self.spec.size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"the oracle takes (N, 3, {s}, {s}) images in [-1, 1], got shape {tuple(images.shape)}")
+        return images.to(self.device, torch.float32)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, classes)."""
+        return self.head(self.body(self._check(images)).mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features (N, D): the pooled last stage, the space of the oracle Fréchet distance."""
+        return self.body(self._check(images)).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted ShapesDataset labels (N,)."""
+        return self(images).argmax(1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file with the settings and held-out accuracy as metadata (temporary name, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "spec": json.dumps(asdict(self.spec)), "accuracy": json.dumps(self.accuracy)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Oracle:
+        """Read a file written by `save`; errors name the file and what it lacks."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such oracle file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != FORMAT or "spec" not in meta:
+            raise ValueError(f"{path}: not an oracle file (expected metadata format={FORMAT!r} and 'spec')")
+        spec = json.loads(meta["spec"])
+        oracle = cls(OracleSpec(**{**spec, "shapes": tuple(spec["shapes"]), "colors": tuple(spec["colors"])}))
+        oracle.load_state_dict(state, strict=True)
+        oracle.accuracy = json.loads(meta.get("accuracy", "null"))
+        return oracle.to(device).eval()
+
+
+def render(dataset: ShapesDataset, indices: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, S, S) and labels (N,) of the dataset's scenes `indices`."""
+    images = torch.stack([dataset.render(i) for i in indices])
+    labels = torch.tensor([dataset.scene(i).label for i in indices], dtype=torch.long)
+    return images, labels
+
+
+@torch.no_grad()
+def accuracy(oracle: Oracle, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of `images` the oracle assigns to `labels`."""
+    hits = sum(
+        int((oracle.predict(images[i : i + batch_size]).cpu() == labels[i : i + batch_size]).sum())
+        for i in range(0, len(images), batch_size)
+    )
+    return hits / len(images)
+
+
+def oracle_spec(
+    size: int,
+    shapes: list[str] | None = None,
+    colors: list[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+) -> OracleSpec:
+    """Checked settings: ShapesDataset's vocabulary by default, and by default steps for about IMAGES_PER_CLASS
+    training scenes per class (more classes need more steps)."""
+    probe = ShapesDataset(size, 1, shapes, colors)
+    if steps is None:
+        steps = math.ceil(IMAGES_PER_CLASS * probe.num_classes / BATCH_SIZE)
+    if steps < 1:
+        raise ValueError(f"oracle training needs steps >= 1, got {steps}")
+    return OracleSpec(size, tuple(probe.shapes), tuple(probe.colors), steps, seed)
+
+
+def train_oracle(
+    size: int,
+    shapes: list[str] | None = None,
+    colors: list[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    check_samples: int = 2000,
+) -> Oracle:
+    """Train an oracle on freshly rendered scenes (AdamW, warm-up then cosine decay), then measure its accuracy on
+    `check_samples` held-out scenes (`Oracle.accuracy`)."""
+    spec = oracle_spec(size, shapes, colors, steps, seed)
+    torch.manual_seed(seed)
+    oracle = Oracle(spec).to(device).train()
+    scenes = spec.dataset(TRAIN_SEED + seed, spec.steps * spec.batch_size)
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=3e-3, weight_decay=1e-4)
+    warmup = max(1, spec.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * k / spec.steps))
+    )
+    for step in tqdm(range(spec.steps), desc="oracle", disable=not progress):
+        images, labels = render(scenes, range(step * spec.batch_size, (step + 1) * spec.batch_size))
+        loss = F.cross_entropy(oracle(images), labels.to(oracle.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    oracle.eval()
+    oracle.accuracy = accuracy(oracle, *render(spec.dataset(CHECK_SEED, check_samples), range(check_samples)))
+    return oracle
+
+
+def oracle_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where trained oracles are kept: `cache_dir`, else $MDM_ORACLE_CACHE, else ~/.cache/mdm/oracle."""
+    chosen = cache_dir or os.environ.get(ORACLE_CACHE_ENV)
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "mdm" / "oracle"
+
+
+def load_or_train_oracle(
+    size: int,
+    shapes: list[str] | None = None,
+    colors: list[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> Oracle:
+    """The cached oracle for these settings (a file named by `OracleSpec.key`), trained and saved first if absent."""
+    spec = oracle_spec(size, shapes, colors, steps, seed)
+    path = oracle_cache_dir(cache_dir) / f"{spec.key()}.safetensors"
+    if path.is_file():
+        return Oracle.load(path, device)
+    oracle = train_oracle(size, list(spec.shapes), list(spec.colors), spec.steps, seed, progress, device)
+    oracle.save(path)
+    return oracle
+
+
+def real_dataset(size: int, shapes: list[str], colors: list[str], num: int) -> ShapesDataset:
+    """The real reference scenes: set A is scenes [0, num), set B (the floor) is scenes [num, 2 num)."""
+    return ShapesDataset(size, 2 * num, shapes, colors, seed=REAL_SEED)
+
+
+class Classifier(Protocol):
+    """What the oracle evaluation needs: features for the Fréchet distance and predicted labels."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    """Accuracy of generated samples against their requested labels (None when none were requested), the oracle
+    Fréchet distance to real set A, the real-versus-real floor FD(A, B), and the accuracy on the real sets (the
+    oracle's own error rate)."""
+
+    num_generated: int
+    accuracy: float | None
+    fd: float
+    floor: float
+    real_accuracy: float
+
+
+class OracleEvaluator:
+    """Accumulates generated images with their requested labels and the two real sets, on every rank;
+    `results()` is collective."""
+
+    def __init__(self, oracle: Classifier) -> None:
+        self.oracle = oracle
+        self.generated = FeatureAccumulator(oracle.features, keep_features=False)
+        self.real = [FeatureAccumulator(oracle.features, keep_features=False) for _ in range(2)]
+        self.hits = RunningMean()
+        self.real_hits = RunningMean()
+
+    def add_generated(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Generated images (N, 3, S, S) in [-1, 1] and the labels they were asked for (N,), if any."""
+        self.generated.update(images)
+        if labels is not None:
+            self.hits.update((self.oracle.predict(images).cpu() == labels.cpu()).double())
+
+    def add_real(self, images: torch.Tensor, labels: torch.Tensor, split: int) -> None:
+        """Real images and their labels into set A (`split` 0, the reference) or B (1, for the floor)."""
+        self.real[split].update(images)
+        self.real_hits.update((self.oracle.predict(images).cpu() == labels.cpu()).double())
+
+    def results(self) -> OracleResult:
+        """Accuracy, FD(generated, A), FD(A, B) and the real accuracy over all ranks (collective)."""
+        generated, first, second = self.generated.statistics(), self.real[0].statistics(), self.real[1].statistics()
+        hits = float(self.hits.compute())
+        return OracleResult(
+            num_generated=self.generated.total(),
+            accuracy=None if math.isnan(hits) else hits,
+            fd=frechet_distance(generated, first),
+            floor=frechet_distance(first, second),
+            real_accuracy=float(self.real_hits.compute()),
+        )

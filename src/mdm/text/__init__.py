@@ -1,0 +1,1 @@
+"""Text encoders, the released models' tokeniser and precomputed-feature caches."""

@@ -1,0 +1,223 @@
+"""Text encoders: one interface, `encode(prompts) -> (features (B, S, D), mask (B, S))`.
+
+* `ByteEncoder`: no download. A prompt's UTF-8 bytes become one-hot vectors plus sinusoidal positions; the
+  network's own text layers (`lm_proj`, then `num_lm_head_layers` transformer blocks) turn them into
+  features. Those layers are part of the model, so the byte transformer trains, averages (EMA),
+  checkpoints and ships with it.
+* `TransformersEncoder`: a frozen T5 encoder (FLAN-T5 XL for the released models) or CLIP text model from
+  a local directory or a hub id, in float32 or bfloat16.
+
+Features at padded positions are zero and the mask is 1 on the tokens, 0 on the padding (ml-mdm's
+convention); batches are padded to their longest prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from mdm.config import TextConfig
+from mdm.text.tokenizer import PAD_ID, UnigramTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Turns prompts into features and a mask; `name` identifies the features (for caches), `dim` their width."""
+
+    name: str
+    dim: int
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded to the longest: (ids (B, S) long, mask (B, S) float)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class ByteEncoder:
+    """UTF-8 bytes (NUL marks the end), each as the one-hot rows of itself and its neighbours, plus sinusoidal
+    position features.
+
+    Width 256 x (2 `context` + 1) + `position_dim`. A linear layer on these rows is a learned byte
+    convolution of width 2 `context` + 1 plus a learned position embedding, which is what the model's
+    `lm_proj` applies before its transformer blocks: words are visible in single tokens from the start.
+    """
+
+    def __init__(self, max_length: int = 128, position_dim: int = 64, context: int = 1) -> None:
+        if max_length < 1 or position_dim % 2 or context < 0:
+            raise ValueError("ByteEncoder: need max_length >= 1, an even position_dim and context >= 0")
+        self.max_length, self.position_dim, self.context = max_length, position_dim, context
+        self.dim = 256 * (2 * context + 1) + position_dim
+        self.name = f"bytes:{max_length}:{position_dim}:{context}"
+        self.device = torch.device("cpu")
+
+    def tokens(self, prompt: str) -> list[int]:
+        """Byte values of the prompt (NUL bytes removed, cut to max_length - 1), then the NUL end marker."""
+        data = prompt.encode("utf-8").replace(b"\x00", b"")[: self.max_length - 1]
+        return [*data, 0]
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Byte windows and positions (B, S, dim), zero on the padding; mask (B, S)."""
+        ids, mask = pad_batch([self.tokens(p) for p in prompts], 0)
+        onehot = torch.nn.functional.one_hot(ids, 256).float() * mask[..., None]
+        c = self.context
+        padded = torch.nn.functional.pad(onehot, (0, 0, c, c))
+        windows = [padded[:, k : k + ids.shape[1]] for k in range(2 * c + 1)]
+        half = self.position_dim // 2
+        freqs = torch.exp(-math.log(self.max_length) * torch.arange(half) / half)
+        angles = torch.arange(ids.shape[1])[:, None] * freqs[None]
+        pos = torch.cat([angles.sin(), angles.cos()], dim=1).expand(len(prompts), -1, -1)
+        feats = torch.cat([*windows, pos], dim=-1) * mask[..., None]
+        return feats.to(self.device), mask.to(self.device)
+
+    def to(self, device: str | torch.device) -> ByteEncoder:
+        """Where `encode` puts its tensors."""
+        self.device = torch.device(device)
+        return self
+
+
+def _require_transformers() -> object:
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("T5 and CLIP text encoders need transformers: pip install 'mdm[text]'") from None
+    return transformers
+
+
+def _pretrained(cls: type, path: str, what: str, **kwargs: object) -> object:
+    """`cls.from_pretrained(path)` from a local directory or a hub id, with a clear error when it is missing."""
+    local = Path(path).expanduser().is_dir()
+    if not local and (path.startswith((".", "/", "~")) or Path(path).exists()):
+        raise FileNotFoundError(f"text.path = {path!r}: no such directory (expected a saved {what})")
+    offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        return cls.from_pretrained(str(Path(path).expanduser()) if local else path, local_files_only=offline, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"text.path = {path!r}: cannot load the {what} ({str(e).splitlines()[0]}). Without network access, "
+            f"download it once (`huggingface-cli download {path if not local else 'google/flan-t5-xl'} "
+            f"--local-dir DIR`) and set text.path to DIR"
+        ) from None
+
+
+class TransformersEncoder:
+    """A frozen transformers T5 encoder or CLIP text model; `last_hidden_state` times the mask.
+
+    T5 prompts are tokenised like the released models when ml-mdm's `t5.vocab` is given (`vocab`, or a
+    `t5.vocab` file in the model directory): one leading space, `</s>`, no BOS, pad 0, so '' -> [3, 1].
+    Otherwise the model's own transformers tokenizer is used.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        dtype: str = "float32",
+        max_length: int = 128,
+        max_chars: int = 512,
+        vocab: str | None = None,
+    ) -> None:
+        tf = _require_transformers()
+        if kind not in ("t5", "clip"):
+            raise ValueError(f"text.encoder: expected 't5' or 'clip', got {kind!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"text.dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        self.kind, self.path, self.max_length, self.max_chars = kind, path, max_length, max_chars
+        self.name = _transformers_name(kind, path, vocab, max_length, max_chars)
+        model_cls = tf.T5EncoderModel if kind == "t5" else tf.CLIPTextModel
+        what = "T5 encoder" if kind == "t5" else "CLIP text model"
+        self.model = _pretrained(model_cls, path, what, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        vocab = resolve_vocab(kind, path, vocab)
+        if vocab is not None:
+            if kind != "t5":
+                raise ValueError("text.vocab (ml-mdm's t5.vocab) applies to the t5 encoder only")
+            self.unigram: UnigramTokenizer | None = UnigramTokenizer.from_file(vocab)
+            self.pad_id = PAD_ID
+        else:
+            self.unigram = None
+            self.tokenizer = _pretrained(tf.AutoTokenizer, path, f"{what} tokenizer")
+            self.pad_id = self.tokenizer.pad_token_id or 0
+            self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", None) or max_length)
+        cfg = self.model.config
+        self.dim = int(cfg.d_model if kind == "t5" else cfg.hidden_size)
+
+    def tokens(self, prompt: str) -> list[int]:
+        """Token ids of one prompt, at most max_length of them."""
+        if self.unigram is not None:
+            return self.unigram(prompt, self.max_length, self.max_chars)
+        return self.tokenizer(prompt[: self.max_chars], truncation=True, max_length=self.max_length)["input_ids"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, S, D) float32, zero on the padding, and the mask (B, S)."""
+        ids, mask = pad_batch([self.tokens(p) for p in prompts], self.pad_id)
+        device = self.model.device
+        ids, mask = ids.to(device), mask.to(device)
+        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return out.float() * mask[..., None], mask
+
+    def to(self, device: str | torch.device) -> TransformersEncoder:
+        """Move the encoder's weights."""
+        self.model.to(device)
+        return self
+
+
+def load_text_encoder(config: TextConfig, device: str | torch.device | None = None) -> TextEncoder | None:
+    """The encoder a config names (None for models without text), read through `text.cache` when set.
+
+    With a cache the encoder itself is loaded only if a prompt is missing from it, so training on cached
+    captions needs neither transformers nor the encoder's weights.
+    """
+    if config.encoder is None:
+        return None
+    if config.cache is not None:
+        from mdm.text.cache import CachedEncoder
+
+        encoder: TextEncoder = CachedEncoder(config.cache, encoder_name(config), lambda: build_encoder(config))
+    else:
+        encoder = build_encoder(config)
+    return encoder.to(device) if device is not None else encoder
+
+
+def build_encoder(config: TextConfig) -> ByteEncoder | TransformersEncoder:
+    """The encoder itself (no cache) of a config whose text.encoder is set."""
+    if config.encoder == "bytes":
+        return ByteEncoder(config.max_length)
+    if config.path is None:
+        raise ValueError(f"text.encoder = {config.encoder!r} needs text.path (a local directory or a hub id)")
+    return TransformersEncoder(
+        config.encoder, config.path, config.dtype, config.max_length, config.max_chars, config.vocab
+    )
+
+
+def resolve_vocab(kind: str, path: str, vocab: str | None) -> str | None:
+    """ml-mdm's t5.vocab for a T5 encoder: `vocab` if given, else `t5.vocab` in the model directory, else None."""
+    if vocab is not None or kind != "t5":
+        return vocab
+    local = Path(path) / "t5.vocab"
+    return str(local) if local.is_file() else None
+
+
+def encoder_name(config: TextConfig) -> str:
+    """The `name` the configured encoder reports, without loading it (caches are keyed by it)."""
+    if config.encoder == "bytes":
+        return ByteEncoder(config.max_length).name
+    return _transformers_name(config.encoder, config.path, config.vocab, config.max_length, config.max_chars)
+
+
+def _transformers_name(kind: str, path: str | None, vocab: str | None, max_length: int, max_chars: int) -> str:
+    mode = "t5.vocab" if path is not None and resolve_vocab(kind, path, vocab) else "hf"
+    return f"{kind}:{path}:{mode}:{max_length}:{max_chars}"
