@@ -53,21 +53,21 @@ def test_unigram_tokenizer_follows_the_released_convention(tmp_path: Path) -> No
 
 
 def test_byte_encoder_features_and_mask() -> None:
-    enc = ByteEncoder(max_length=8)
-    emb, mask = enc.encode(["hé", ""])
-    assert enc.dim == 3 * 256 + 64 and emb.shape == (2, 4, enc.dim)
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
-    prev, cur, nxt, pos = emb[..., :256], emb[..., 256:512], emb[..., 512:768], emb[..., 768:]
-    bytes_ = [ord("h"), *"é".encode(), 0]
-    assert cur[0].argmax(-1).tolist() == bytes_ and cur[0].sum().item() == 4
-    assert prev[0, 1:].argmax(-1).tolist() == bytes_[:-1] and prev[0, 0].sum() == 0, "no byte before the first"
-    assert nxt[0, :-1].argmax(-1).tolist() == bytes_[1:] and nxt[0, -1].sum() == 0, "no byte after the end"
-    assert cur[1, 0, 0] == 1 and emb[1, 1:].abs().sum() == 0, "padding rows are zero"
+    enc = ByteEncoder(max_length=4, patch=4)
+    assert enc.tokens("hé  abcdefghij") == ["hé".encode(), b"abcd", b"efgh", b"\x00"], "long words: patches"
+    emb, mask = enc.encode(["hé ab", ""])
+    assert enc.dim == 4 * 256 + 64 and emb.shape == (2, 3, enc.dim)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    slots = emb[..., :1024].reshape(2, 3, 4, 256)
+    assert slots[0, 0].nonzero().tolist() == [[k, b] for k, b in enumerate("hé".encode())]
+    assert slots[0, 1].nonzero().tolist() == [[0, ord("a")], [1, ord("b")]]
+    assert slots[0, 2].nonzero().tolist() == [[0, 0]] and slots[1, 0].nonzero().tolist() == [[0, 0]], "end token"
+    assert emb[1, 1:].abs().sum() == 0, "padding rows are zero"
+    pos = emb[..., 1024:]
     assert torch.equal(pos[0, 0], pos[1, 0]) and not torch.equal(pos[0, 0], pos[0, 1])
-    long, mask = enc.encode(["abcdefghij"])
-    assert long.shape[1] == 8 and long[0, -1, 256] == 1, "cut to max_length - 1 bytes, then the end marker"
+    assert enc.encode(["a b c d e f"])[0].shape[1] == 4, "max_length - 1 patches, then the end token"
     assert torch.equal(enc.encode(["a\x00b"])[0], enc.encode(["ab"])[0]), "NUL bytes cannot fake the end"
-    assert ByteEncoder(8, context=0).encode(["ab"])[0].shape == (1, 3, 256 + 64)
+    assert torch.equal(enc.encode(["a  b\n"])[0], enc.encode(["a b"])[0]), "any whitespace separates words"
 
 
 def test_t5_encoder_masks_padding_and_matches_the_model(tiny_t5: Path) -> None:
@@ -152,7 +152,7 @@ def test_cache_round_trip_equals_the_encoder(tmp_path: Path) -> None:
         assert torch.equal(got, want)
     cached.encode(["another new one"])
     assert len(loads) == 1 and cached.misses == 2, "the encoder is loaded once, on the first miss"
-    with pytest.raises(ValueError, match="made by encoder 'bytes:32:64:1', but the config names"):
+    with pytest.raises(ValueError, match="made by encoder 'bytes:32:64:12', but the config names"):
         CachedEncoder(tmp_path / "cache", ByteEncoder(64).name, load)
     with pytest.raises(FileNotFoundError, match="mdm data embed"):
         EmbeddingCache(tmp_path / "nothing")

@@ -48,39 +48,44 @@ def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class ByteEncoder:
-    """UTF-8 bytes (NUL marks the end), each as the one-hot rows of itself and its neighbours, plus sinusoidal
-    position features.
+    """Words of UTF-8 bytes: one token per whitespace-separated word (longer words: one per `patch` bytes), its
+    bytes one-hot by slot, plus sinusoidal position features; a NUL token marks the end.
 
-    Width 256 x (2 `context` + 1) + `position_dim`. A linear layer on these rows is a learned byte
-    convolution of width 2 `context` + 1 plus a learned position embedding, which is what the model's
-    `lm_proj` applies before its transformer blocks: words are visible in single tokens from the start.
+    Width 256 x `patch` + `position_dim`. A linear layer on these rows is a learned embedding of every
+    spelling plus a learned position embedding, which is what the model's `lm_proj` applies before its
+    transformer blocks: no vocabulary, and a caption is a dozen tokens rather than sixty bytes, so the cross-
+    attention and the pooled embedding are not diluted by per-byte tokens.
     """
 
-    def __init__(self, max_length: int = 128, position_dim: int = 64, context: int = 1) -> None:
-        if max_length < 1 or position_dim % 2 or context < 0:
-            raise ValueError("ByteEncoder: need max_length >= 1, an even position_dim and context >= 0")
-        self.max_length, self.position_dim, self.context = max_length, position_dim, context
-        self.dim = 256 * (2 * context + 1) + position_dim
-        self.name = f"bytes:{max_length}:{position_dim}:{context}"
+    def __init__(self, max_length: int = 128, position_dim: int = 64, patch: int = 12) -> None:
+        if max_length < 1 or position_dim % 2 or patch < 1:
+            raise ValueError("ByteEncoder: need max_length >= 1, an even position_dim and patch >= 1")
+        self.max_length, self.position_dim, self.patch = max_length, position_dim, patch
+        self.dim = 256 * patch + position_dim
+        self.name = f"bytes:{max_length}:{position_dim}:{patch}"
         self.device = torch.device("cpu")
 
-    def tokens(self, prompt: str) -> list[int]:
-        """Byte values of the prompt (NUL bytes removed, cut to max_length - 1), then the NUL end marker."""
-        data = prompt.encode("utf-8").replace(b"\x00", b"")[: self.max_length - 1]
-        return [*data, 0]
+    def tokens(self, prompt: str) -> list[bytes]:
+        """The prompt's byte patches (NUL bytes removed, at most max_length - 1), then the NUL end token."""
+        words = prompt.encode("utf-8").replace(b"\x00", b"").split()
+        patches = [w[i : i + self.patch] for w in words for i in range(0, len(w), self.patch)]
+        return [*patches[: self.max_length - 1], b"\x00"]
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Byte windows and positions (B, S, dim), zero on the padding; mask (B, S)."""
-        ids, mask = pad_batch([self.tokens(p) for p in prompts], 0)
-        onehot = torch.nn.functional.one_hot(ids, 256).float() * mask[..., None]
-        c = self.context
-        padded = torch.nn.functional.pad(onehot, (0, 0, c, c))
-        windows = [padded[:, k : k + ids.shape[1]] for k in range(2 * c + 1)]
+        """Byte patches and positions (B, S, dim), zero on the padding; mask (B, S)."""
+        rows = [self.tokens(p) for p in prompts]
+        length = max(len(r) for r in rows)
+        feats = torch.zeros(len(rows), length, self.dim)
+        mask = torch.zeros(len(rows), length)
+        for i, row in enumerate(rows):
+            mask[i, : len(row)] = 1
+            for j, token in enumerate(row):
+                feats[i, j, [256 * k + b for k, b in enumerate(token)]] = 1
         half = self.position_dim // 2
         freqs = torch.exp(-math.log(self.max_length) * torch.arange(half) / half)
-        angles = torch.arange(ids.shape[1])[:, None] * freqs[None]
-        pos = torch.cat([angles.sin(), angles.cos()], dim=1).expand(len(prompts), -1, -1)
-        feats = torch.cat([*windows, pos], dim=-1) * mask[..., None]
+        angles = torch.arange(length)[:, None] * freqs[None]
+        feats[..., 256 * self.patch :] = torch.cat([angles.sin(), angles.cos()], dim=1)
+        feats = feats * mask[..., None]
         return feats.to(self.device), mask.to(self.device)
 
     def to(self, device: str | torch.device) -> ByteEncoder:
