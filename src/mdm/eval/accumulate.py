@@ -17,7 +17,7 @@ from mdm.eval.frechet import Statistics
 from mdm.train.distributed import all_reduce
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without an initialised process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -31,14 +31,14 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def reduce_to_cpu(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) over ranks, returned on the CPU."""
     return all_reduce(t.to(_comm_device()), op).cpu()
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (counts may differ) concatenated in rank order, on the CPU; `x` itself when alone."""
-    _, world = _rank_world()
+    _, world = rank_world()
     if world == 1:
         return x
     device = _comm_device()
@@ -59,7 +59,7 @@ def rank_batches(total: int, batch_size: int, desc: str = "", progress: bool = T
     items."""
     if total < 0 or batch_size < 1:
         raise ValueError(f"need total >= 0 and batch_size >= 1, got total={total}, batch_size={batch_size}")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     start = rank * (total // world) + min(rank, total % world)
     stop = start + total // world + int(rank < total % world)
     with tqdm(total=stop - start, desc=desc, unit="img", disable=rank != 0 or not progress) as bar:
@@ -98,18 +98,18 @@ class FeatureAccumulator:
 
     def _dim(self) -> int:
         """The feature size, agreed over ranks (a rank that saw no images does not know it)."""
-        return int(_reduce(torch.tensor([0 if self._sum is None else self._sum.shape[0]]), "max"))
+        return int(reduce_to_cpu(torch.tensor([0 if self._sum is None else self._sum.shape[0]]), "max"))
 
     def total(self) -> int:
         """Images seen over all ranks (collective)."""
-        return int(_reduce(torch.tensor([self.count])))
+        return int(reduce_to_cpu(torch.tensor([self.count])))
 
     def statistics(self) -> Statistics:
         """(mu, sigma) over all ranks' images (collective), from the float64 moments n, sum f, sum f f^T."""
         dim = self._dim()
         total = self._sum if self._sum is not None else torch.zeros(dim, dtype=torch.float64)
         outer = self._outer if self._outer is not None else torch.zeros(dim, dim, dtype=torch.float64)
-        return Statistics.from_moments(self.total(), _reduce(total).numpy(), _reduce(outer).numpy())
+        return Statistics.from_moments(self.total(), reduce_to_cpu(total).numpy(), reduce_to_cpu(outer).numpy())
 
     def features(self) -> torch.Tensor:
         """All ranks' kept features (N, D) float32 on the CPU, in rank order (collective)."""
@@ -136,5 +136,5 @@ class RunningMean:
 
     def compute(self) -> torch.Tensor:
         """The mean over all ranks (collective); NaN when nothing was added anywhere."""
-        n = int(_reduce(torch.tensor([self.count])))
-        return _reduce(self._sum) / n if n else torch.full_like(self._sum, float("nan"))
+        n = int(reduce_to_cpu(torch.tensor([self.count])))
+        return reduce_to_cpu(self._sum) / n if n else torch.full_like(self._sum, float("nan"))

@@ -20,7 +20,7 @@ from mdm.data.check import is_image_folder
 from mdm.data.loader import build_dataset
 from mdm.data.shapes import ShapesDataset
 from mdm.diffusion.process import Pyramid
-from mdm.eval.accumulate import FeatureAccumulator, RunningMean, _rank_world, _reduce, rank_batches
+from mdm.eval.accumulate import FeatureAccumulator, RunningMean, rank_batches, rank_world, reduce_to_cpu
 from mdm.eval.clip_score import load_clip
 from mdm.eval.features import INCEPTION_ENV, FeatureExtractor, InceptionFeatures, load_inception
 from mdm.eval.frechet import Statistics, frechet_distance
@@ -101,7 +101,7 @@ class PyramidEvaluator:
         """Per-level metrics over all ranks (collective: every rank calls it and gets the same numbers)."""
         has_data = self.has_features and self.data[0].total() > 0
         level_psnr = psnr(self.mse.compute()).tolist() if len(self.sizes) > 1 else []
-        total = int(_reduce(torch.tensor([self.count])))
+        total = int(reduce_to_cpu(torch.tensor([self.count])))
         results = []
         for i, size in enumerate(self.sizes):
             fid = kid_mean = kid_std = None
@@ -288,7 +288,7 @@ def _oracle(
                 f"{size}px {d.shapes} x {d.colors} (config data.shapes, data.colors)"
             )
         return oracle
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     if rank == 0:
         found = load_or_train_oracle(size, d.shapes, d.colors, cache_dir=cache, progress=progress, device=device)
     barrier()
@@ -389,7 +389,7 @@ def evaluate_model(
     levels = evaluator.results()
     if save_reference is not None:
         top = evaluator.data_statistics()[0]
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             top.save(save_reference)
     clip_score = float(scores.compute()) if scorer is not None else None
     settings: dict[str, Any] = {
@@ -401,7 +401,7 @@ def evaluate_model(
         "guidance": guidance,
         "seed": seed,
         "batch_size": batch_size,
-        "world_size": _rank_world()[1],
+        "world_size": rank_world()[1],
         "data": data,
         "num_data": n_data if extractor is not None and ref is None else 0,
         "reference": None if reference is None else str(reference),
