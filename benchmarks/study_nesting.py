@@ -32,15 +32,13 @@ from dataclasses import asdict, dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 
 from mdm.config import MDMConfig, load_preset, to_dict
 from mdm.eval import evaluate_model, load_or_train_oracle, train_oracle
 from mdm.eval.oracle import Oracle
+from mdm.plots import save_figure
 from mdm.train.trainer import Trainer
 
 SINGLE_UNET = (
@@ -145,7 +143,7 @@ def train_and_score(
         o = report.oracle
         points.append(Point(model, seed, k, seconds, step, o.fd, o.accuracy, o.floor))
         print(f"  {model} seed {seed}: {seconds:7.1f} s, step {step}: oracle FD {o.fd:.4f}, accuracy {o.accuracy:.3f}")
-    params = sum(p.numel() for p in trainer.net.parameters())
+    params = sum(p.numel() for p in trainer.phase.net.parameters())
     info = {"params": params, "seconds_per_step": per_step, "phases": to_dict(cfg.train)["phases"]}
     return points, info
 
@@ -187,7 +185,8 @@ def seeds(points: list[Point]) -> list[int]:
 
 def plot(points: list[Point], path: Path, title: str) -> Path:
     """Oracle FD against training minutes: a thin line per seed and the mean over seeds per model; the floor."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    ax = fig.subplots()
     for i, (model, label) in enumerate(MODELS.items()):
         runs = [
             sorted((p for p in points if p.model == model and p.seed == s), key=lambda p: p.steps)
@@ -208,9 +207,7 @@ def plot(points: list[Point], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

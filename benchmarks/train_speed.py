@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mdm.config import load_preset
+from mdm.train.step import train_step
 from mdm.train.trainer import Trainer
 
 PRESETS = ("demo", "imagenet64", "imagenet256", "cc12m-64", "cc12m-256", "cc12m-1024")
@@ -92,7 +93,7 @@ def bench(name: str, args: argparse.Namespace) -> list[str]:
     text = RandomText(m.text_dim) if m.text_dim else None
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, device=args.device, text_encoder=text, dataset=data, progress=False)
-        trainer._enter_phase(0)
+        phase = trainer.grow(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -100,12 +101,12 @@ def bench(name: str, args: argparse.Namespace) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            trainer._train_step()
+            train_step(phase, trainer.state, trainer.env, trainer.conditioner, cfg.train.lr, trainer.bf16)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        params = sum(p.numel() for p in trainer.net.parameters()) / 1e6
+        params = sum(p.numel() for p in phase.net.parameters()) / 1e6
         sizes = "/".join(map(str, m.level_sizes()))
         step = statistics.median(times)
         precision = "bf16" if trainer.bf16 else "fp32"

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mdm.train import distributed
+from mdm import distributed
 from mdm.train.trainer import Trainer
 from tests.test_train import record_grads, train_config
 
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, root: str, strategy: str) -> None:
     cfg = train_config(phases=((1, 2), (2, 2)), batch_size=2, strategy=strategy)
     trainer = Trainer(cfg, Path(root) / f"rank{rank}", device="cpu", progress=False)
     trainer.fit()
-    model, ema = distributed.gathered_state(trainer.net), trainer.ema.state_dict()
+    model, ema = distributed.gathered_state(trainer.phase.net), trainer.phase.ema.state_dict()
     results = Path(root) / "results"
     results.mkdir(exist_ok=True)
     first = {f"grad.{i}": distributed.full_tensor(g) for i, g in enumerate(grads[0])}

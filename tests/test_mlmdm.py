@@ -291,7 +291,7 @@ def test_code_running_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
         assert not marker.exists()
     err = capsys.readouterr().err
     assert "legacy pickle checkpoints are refused" in err
-    assert "does not match the config" in err and "unexpected (1): x" in err
+    assert "does not match the config" in err and "unexpected (1): ['x']" in err
     obj = restricted_load(path)
     assert isinstance(obj["args"], Placeholder) and not marker.exists()
 

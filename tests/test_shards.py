@@ -233,16 +233,17 @@ def test_data_check_reads_shards_and_tsvs(tmp_path: Path) -> None:
     (tmp_path / "src/cat/0.txt").write_text("a black cat")
     solid(tmp_path / "src/dog/1.png", (70, 90), (0, 0, 0))
     (tmp_path / "src/dog/2.png").write_bytes(b"")
-    pack(tmp_path / "src", tmp_path / "shards", shard_size=2)
+    assert len(pack(tmp_path / "src", tmp_path / "shards", shard_size=1)) == 2, "the empty file is not packed"
+    _tar(tmp_path / "shards/shard-000002.tar", {"2.png": b"", "2.txt": b"dog", "2.cls": b"1"})
     report = check_data(tmp_path / "shards", progress=False)
     lines = report.lines()
-    assert lines[0] == f"{tmp_path / 'shards'}: WebDataset tar shards (2 shards)"
+    assert lines[0] == f"{tmp_path / 'shards'}: WebDataset tar shards (3 shards)"
     assert "samples: 3, usable: 2, problems: 1" in lines and "classes (2): cat: 1, dog: 2" in lines
     assert "shorter side: <64: 0, 64-127: 1, 128-255: 1, 256-511: 0, 512-1023: 0, >=1024: 0" in lines
     assert "captions: 3 with text, words min 1 / median 1 / max 3" in lines
-    assert report.problems == [f"{tmp_path / 'shards/shard-000001.tar'}:000000002.png: empty file"]
-    pattern = str(tmp_path / "shards/shard-{000000..000001}.tar")
-    assert check_data(pattern, progress=False).lines() == [f"{pattern}: WebDataset tar shards (2 shards)", *lines[1:]]
+    assert report.problems == [f"{tmp_path / 'shards/shard-000002.tar'}:2.png: empty file"]
+    pattern = str(tmp_path / "shards/shard-{000000..000002}.tar")
+    assert check_data(pattern, progress=False).lines() == [f"{pattern}: WebDataset tar shards (3 shards)", *lines[1:]]
     report = check_data(_ml_mdm_layout(tmp_path / "mlmdm"), min_size=17, progress=False)
     assert report.layout == "ml-mdm index TSV (2 shard TSVs, 3 tars)" and report.samples == 5 and not report.classes
     assert report.words == [3, 4, 3, 3, 1] and report.sides == {0: 1}

@@ -10,15 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mdm.config import ConfigError, PhaseConfig, config_from_dict, to_dict
+from mdm.config import ConfigError, PhaseConfig, config_from_dict, load_config, to_dict
 from mdm.diffusion.process import MultiLevelDiffusion, build_pyramid
 from mdm.models.conditioning import Conditioning
 from mdm.models.unet import NestedUNet
 from mdm.pipeline import MDMPipeline
 from mdm.train import checkpoint
-from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
+from mdm.train.checkpoint import NonFiniteWeightsError, RunState, TrainingError
 from mdm.train.ema import EMA
-from mdm.train.trainer import Trainer, load_inner, phase_config
+from mdm.train.optim import learning_rate
+from mdm.train.phases import load_inner, phase_config
+from mdm.train.step import _condition, draws
+from mdm.train.trainer import Trainer
 from tests.conftest import tiny_config
 
 
@@ -99,13 +102,13 @@ def test_growth_carries_inner_weights_and_keeps_base_loss(tmp_path: Path) -> Non
     cfg = train_config()
     trainer = Trainer(cfg, tmp_path, progress=False)
     trainer.fit(max_steps=3)
-    base_net = NestedUNet(trainer.sub.model)
-    base_net.load_state_dict(trainer.ema.state_dict())
-    trainer._enter_phase(1)
-    grown = trainer.net
+    sub = trainer.phase.config
+    base_net = NestedUNet(sub.model)
+    base_net.load_state_dict(trainer.phase.ema.state_dict())
+    grown = trainer.grow(1).net
     for k, v in base_net.state_dict().items():
         assert torch.equal(grown.inner_unet.state_dict()[k], v), k
-    assert set(trainer.carried) == {f"inner_unet.{k}" for k, _ in base_net.named_parameters()}
+    assert set(trainer.phase.carried) == {f"inner_unet.{k}" for k, _ in base_net.named_parameters()}
 
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     g = torch.Generator().manual_seed(0)
@@ -114,8 +117,8 @@ def test_growth_carries_inner_weights_and_keeps_base_loss(tmp_path: Path) -> Non
     cond = Conditioning(labels=torch.tensor([0, 1, 2, 4]))
     grown.eval()
     base_net.eval()
-    two = MultiLevelDiffusion(trainer.sub.diffusion, [16, 8]).loss(grown, x, cond, t=t, noise=noise)
-    one = MultiLevelDiffusion(trainer.sub.diffusion, [8]).loss(
+    two = MultiLevelDiffusion(trainer.phase.config.diffusion, [16, 8]).loss(grown, x, cond, t=t, noise=noise)
+    one = MultiLevelDiffusion(sub.diffusion, [8]).loss(
         base_net, build_pyramid(x, [16, 8])[1], cond, t=t, noise=noise[1:]
     )
     torch.testing.assert_close(two.level_mse[1], one.level_mse[0], rtol=0, atol=0)
@@ -143,10 +146,9 @@ def test_separate_runs_grow_from_init_inner_from(tmp_path: Path) -> None:
     base = load_file(tmp_path / "first/final/model.safetensors")
     second = train_config(phases=((2, 2),), init_inner_from=str(tmp_path / "first/final"), seed=5)
     trainer = Trainer(second, tmp_path / "second", progress=False)
-    trainer._enter_phase(0)
-    inner = trainer.net.inner_unet.state_dict()
+    inner = trainer.grow(0).net.inner_unet.state_dict()
     assert_equal_states(base, {k: inner[k] for k in base})
-    assert len(trainer.carried) == len(base)
+    assert len(trainer.phase.carried) == len(base)
     trainer.fit()
     assert MDMPipeline.from_pretrained(tmp_path / "second/final").config.model.level_sizes() == [16, 8]
 
@@ -166,14 +168,14 @@ def test_condition_dropout_rate_matches_config(tmp_path: Path) -> None:
     cfg = train_config()
     cfg.diffusion.cond_drop_prob = 0.3
     trainer = Trainer(cfg, tmp_path, progress=False)
-    trainer._enter_phase(0)
+    phase = trainer.grow(0)
     x = torch.zeros(4000, 3, 8, 8)
-    t, noise, dropped = trainer._draws(torch.arange(4000), x)
+    t, noise, dropped = draws(phase, cfg.train.seed, torch.arange(4000), x)
     assert abs(dropped.float().mean().item() - 0.3) < 0.03
     assert t.min() >= 0 and t.max() <= 999 and noise[0].shape == (4000, 3, 8, 8)
     assert abs(noise[0].std().item() - 1) < 0.01
     batch = {"label": torch.arange(4000) % 4, "caption": [""] * 4000}
-    cond = trainer._condition(batch, dropped)
+    cond = _condition(trainer.conditioner, batch, dropped)
     assert torch.equal(cond.labels[dropped], torch.full((int(dropped.sum()),), 4))
     assert torch.equal(cond.labels[~dropped], batch["label"][~dropped])
 
@@ -247,7 +249,7 @@ def test_many_nonfinite_steps_stop_the_run(tmp_path: Path, monkeypatch: pytest.M
 def test_nonfinite_weights_are_never_written(tmp_path: Path) -> None:
     good = {"w": torch.ones(2)}
     with pytest.raises(NonFiniteWeightsError, match=r"EMA model.*'w'"):
-        checkpoint.save(tmp_path, 1, good, {"w": torch.tensor([1.0, float("inf")])}, {}, {}, {}, keep=2)
+        checkpoint.save(tmp_path, good, {"w": torch.tensor([1.0, float("inf")])}, {}, {}, RunState(step=1), keep=2)
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
 
@@ -271,7 +273,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatc
     logged = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4], "steps 3-4 ran and were logged before the crash"
     ck = checkpoint.load(latest)
-    assert ck.state["step"] == 2 and ck.state["position"] == 8
+    assert ck.state.step == 2 and ck.state.position == 8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
         "latest",
         "step_0000002",
@@ -318,11 +320,11 @@ def test_run_dir_guards(tmp_path: Path) -> None:
 
 def test_lr_schedule_warmup_and_cosine(tmp_path: Path) -> None:
     cfg = train_config(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1, lr=1.0)
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    assert [trainer._lr(s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert trainer._lr(4, 14) == pytest.approx(1.0)
-    assert trainer._lr(9, 14) == pytest.approx(0.55)
-    assert trainer._lr(14, 14) == pytest.approx(0.1)
+    tc = cfg.train
+    assert [learning_rate(tc, s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(tc, 4, 14) == pytest.approx(1.0)
+    assert learning_rate(tc, 9, 14) == pytest.approx(0.55)
+    assert learning_rate(tc, 14, 14) == pytest.approx(0.1)
 
 
 def test_ema_update_and_warmup() -> None:
@@ -390,10 +392,10 @@ def test_text_model_trains_on_captions_and_drops_to_the_empty_caption(tmp_path: 
     with pytest.raises(ValueError, match="needs a text encoder"):
         Trainer(cfg, tmp_path / "x", progress=False)
     trainer = Trainer(cfg, tmp_path / "run", text_encoder=HashText(), progress=False)
-    trainer._enter_phase(0)
-    batch = next(trainer._batches)
-    _, _, dropped = trainer._draws(batch["position"], batch["image"])
-    cond = trainer._condition(batch, dropped)
+    phase = trainer.grow(0)
+    batch = next(phase.batches)
+    _, _, dropped = draws(phase, cfg.train.seed, batch["position"], batch["image"])
+    cond = _condition(trainer.conditioner, batch, dropped)
     empty, _ = HashText().encode([""])
     for i, caption in enumerate(batch["caption"]):
         if dropped[i]:
@@ -411,8 +413,8 @@ def test_text_model_trains_on_captions_and_drops_to_the_empty_caption(tmp_path: 
 def test_resave_of_an_older_step_drops_the_abandoned_newer_ones(tmp_path: Path) -> None:
     w = {"w": torch.ones(1)}
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, step, w, w, {}, {}, {}, keep=5)
-    checkpoint.save(tmp_path, 2, {"w": torch.zeros(1)}, w, {}, {}, {}, keep=5)
+        checkpoint.save(tmp_path, w, w, {}, {}, RunState(step=step), keep=5)
+    checkpoint.save(tmp_path, {"w": torch.zeros(1)}, w, {}, {}, RunState(step=2), keep=5)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
     assert checkpoint.resolve(tmp_path).name == "step_0000002"
     assert checkpoint.load(checkpoint.resolve(tmp_path)).model["w"].item() == 0
@@ -437,3 +439,34 @@ def test_mixed_ratio_must_leave_every_level_rows() -> None:
         config_from_dict(data)
     data["train"]["phases"][0]["batch_size"] = 4
     config_from_dict(data)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes(tmp_path: Path) -> None:
+    """`data/legacy_run` is a run of a 16/8 px class model (phases of 2 and 3 steps, batch 2) stopped at step 3
+    by the trainer as it was before the redesign (commit a453b12); `data/legacy_final.safetensors` is what that
+    trainer's uninterrupted run ended with."""
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "legacy_run", run)
+    cfg = load_config(run / "config.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread count the files were made with: float sums then match bit for bit
+    try:
+        final = Trainer(cfg, run, resume="latest", progress=False).fit()
+        fresh = Trainer(cfg, tmp_path / "fresh", progress=False).fit()
+    finally:
+        torch.set_num_threads(threads)
+    resumed = load_file(final / "model.safetensors")
+    assert_equal_states(resumed, load_file(fresh / "model.safetensors"))
+    assert_equal_states(resumed, load_file(DATA / "legacy_final.safetensors"))
+
+
+def test_resume_inside_a_freeze_window_is_exact(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 2), (2, 4)))
+    cfg.train.phases[1].freeze_inner_steps = 3
+    Trainer(cfg, tmp_path / "a", progress=False).fit()
+    assert Trainer(cfg, tmp_path / "b", progress=False).fit(max_steps=3) is None
+    Trainer(cfg, tmp_path / "b", resume="latest", progress=False).fit()
+    assert_equal_states(weights(tmp_path / "a", 6)["model"], weights(tmp_path / "b", 6)["model"])

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from mdm import io
 from mdm.config import ConfigError, MDMConfig, list_presets, load_config, load_preset
 from mdm.images import level_strip, sample_grid, save_png
 from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float64", "bfloat16")  # the dtypes a model may be converted to or sampled in
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def _convert(args: argparse.Namespace) -> int:
         text_encoder=args.text_encoder,
         text_dim=args.text_dim,
         as_parsed=args.as_parsed,
-        dtype=DTYPES[args.dtype],
+        dtype=io.dtype(args.dtype),
     )
     out = pipe.save_pretrained(args.out)
     n = sum(p.numel() for p in pipe.unet.parameters())
@@ -35,9 +36,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _read_embeds(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from safetensors.torch import load_file
-
-    data = load_file(path)
+    data, _ = io.read_safetensors(path)
     if "text" not in data:
         raise ValueError(f"{path}: expected tensors 'text' (B, S, D) and optional 'mask' (B, S)")
     return data["text"], data.get("mask")
@@ -57,33 +56,29 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from mdm.pipeline import MDMPipeline
+    import dataclasses
 
-    pipe = MDMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    from mdm.pipeline import MDMPipeline
+    from mdm.text.encoders import load_text_encoder
+
+    pipe = MDMPipeline.from_pretrained(args.model, dtype=io.dtype(args.dtype))
     if args.text_encoder is not None:
-        pipe.config.text.encoder = pipe.config.text.encoder or "t5"
-        pipe.config.text.path = args.text_encoder
+        text = dataclasses.replace(pipe.config.text, encoder=pipe.config.text.encoder or "t5", path=args.text_encoder)
+        pipe.text_encoder = load_text_encoder(text, pipe.device)
     pipe.set_progress_bar_config(disable=args.quiet)
-    kwargs: dict = {}
+    request: dict = {}
     if args.labels is not None:
-        labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels]
-        kwargs["class_labels"] = labels
-        titles = [_slug(str(label)) for label in labels for _ in range(args.num)]
+        request["class_labels"] = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels]
     elif args.prompt is not None:
-        kwargs["prompt"] = args.prompt
+        request["prompt"] = args.prompt
         if args.negative_prompt is not None:
-            kwargs["negative_prompt"] = args.negative_prompt
-        titles = [_slug(p) for p in args.prompt for _ in range(args.num)]
+            request["negative_prompt"] = args.negative_prompt
     elif args.prompt_embeds is not None:
-        kwargs["prompt_embeds"], kwargs["prompt_mask"] = _read_embeds(args.prompt_embeds)
+        request["prompt_embeds"], request["prompt_mask"] = _read_embeds(args.prompt_embeds)
         if args.negative_embeds is not None:
-            kwargs["negative_prompt_embeds"], kwargs["negative_prompt_mask"] = _read_embeds(args.negative_embeds)
-        titles = [f"prompt{i}" for i in range(kwargs["prompt_embeds"].shape[0]) for _ in range(args.num)]
-    else:
-        kwargs["batch_size"] = 1
-        titles = [f"sample{i}" for i in range(args.num)]
+            request["negative_prompt_embeds"], request["negative_prompt_mask"] = _read_embeds(args.negative_embeds)
     out = pipe(
-        **kwargs,
+        **request,
         num_images_per_prompt=args.num,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -93,7 +88,7 @@ def _sample(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     )
-    paths = write_samples(out.levels, Path(args.out), "", titles)
+    paths = write_samples(out.levels, Path(args.out), "", [_slug(t) for t in out.titles])
     print(f"wrote {len(paths)} PNG(s) to {args.out}")
     return 0
 
@@ -135,12 +130,12 @@ def _train(args: argparse.Namespace) -> int:
     try:
         final = trainer.fit(max_steps=args.max_steps)
     finally:
-        from mdm.train.distributed import cleanup
+        from mdm.distributed import cleanup
 
         cleanup()
     if trainer.env.is_main:
         if final is None:
-            print(f"stopped at step {trainer.step}; continue with: mdm train --out {args.out} --resume latest")
+            print(f"stopped at step {trainer.state.step}; continue with: mdm train --out {args.out} --resume latest")
         else:
             out = Path(args.out)
             print(f"trained model: {final}\nsamples: {out / 'samples'}\nloss curve: {out / 'loss.png'}")
@@ -149,8 +144,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from mdm.data.shapes import ShapesDataset
+    from mdm.distributed import cleanup
     from mdm.pipeline import MDMPipeline
-    from mdm.train.distributed import cleanup
     from mdm.train.trainer import Trainer
 
     out = Path(args.out)
@@ -167,21 +162,18 @@ def _demo(args: argparse.Namespace) -> int:
     pipe = MDMPipeline.from_pretrained(final)
     m, d = pipe.config.model, cfg.data
     if m.num_classes:
-        labels = [c for c in range(m.num_classes) for _ in range(args.per_class)]
-        kwargs: dict = {"class_labels": labels}
-        titles = [m.class_names[c] for c in labels]
+        request: dict = {"class_labels": [name for name in m.class_names for _ in range(args.per_class)]}
     else:
         held_out = ShapesDataset(m.image_size, d.num_samples, d.shapes, d.colors, seed=d.seed + 1)
-        titles = held_out.prompts(args.per_class)
-        kwargs = {"prompt": titles}
+        request = {"prompt": held_out.prompts(args.per_class)}
     result = pipe(
-        **kwargs,
+        **request,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         output_type="pt",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    grid = save_png(sample_grid(result.levels, titles, ncols=2 * args.per_class), out / "demo_samples.png")
+    grid = save_png(sample_grid(result.levels, result.titles, ncols=2 * args.per_class), out / "demo_samples.png")
     what = "every class" if m.num_classes else "captions of unseen scenes, per class"
     print(f"trained demo model: {final}\nsamples ({what}, all levels): {grid}\nloss curve: {out / 'loss.png'}")
     return 0
@@ -227,8 +219,8 @@ def _data_pack(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from mdm.distributed import cleanup, setup
     from mdm.eval.evaluate import evaluate_model
-    from mdm.train.distributed import cleanup, setup
 
     env = setup(args.device)
     try:

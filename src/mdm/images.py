@@ -5,16 +5,12 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW floats -> uint8 NHWC via p = x * 128 + 127 (ml-mdm's pixel convention)."""
-    arr = (x.detach().float().cpu() * 128 + 127).round().clamp(0, 255).to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).numpy()
+from mdm import io
+from mdm.io import to_uint8
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
@@ -43,12 +39,9 @@ def level_strip(levels: list[torch.Tensor], labels: list[str] | None = None) -> 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG, creating parent folders; written to a temporary name first, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with io.atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def sample_grid(levels: list[torch.Tensor], titles: list[str], ncols: int = 4) -> Image.Image:

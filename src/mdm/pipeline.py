@@ -5,37 +5,41 @@ pipeline: `from_pretrained`, `save_pretrained`, and a `__call__` that returns im
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from mdm import io
+from mdm.conditions import Conditioner, Conditions, Labels
 from mdm.config import MDMConfig, load_config, save_config
 from mdm.diffusion.process import MultiLevelDiffusion, Pyramid
 from mdm.diffusion.samplers import StepCallback, sample
 from mdm.diffusion.schedule import timestep_grid
-from mdm.images import to_pil, to_uint8
-from mdm.models.conditioning import Conditioning, null_labels
+from mdm.images import to_pil
+from mdm.io import to_uint8
 from mdm.models.unet import NestedUNet
-from mdm.text.encoders import TextEncoder, load_text_encoder
+from mdm.text.base import TextEncoder
+from mdm.text.encoders import load_text_encoder
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 
 
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
 @dataclass
 class MDMPipelineOutput:
-    """`images`: top-level results; `levels`: one entry per level, highest first (PIL lists, arrays or tensors)."""
+    """`images`: top-level results; `levels`: one entry per level, highest first (PIL lists, arrays or tensors);
+    `titles`: what each sample was asked for (class, prompt, or 'sample i')."""
 
     images: Any
     levels: list[Any]
+    titles: list[str]
 
 
 def _resolve_dir(path: str | os.PathLike) -> Path:
@@ -92,40 +96,20 @@ class MDMPipeline:
         config = load_config(d / CONFIG_NAME)
         with torch.device("meta"):
             unet = NestedUNet(config.model)
-        state = load_file(str(d / WEIGHTS_NAME))
-        expected = unet.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: missing {missing}, unexpected {unexpected}"
-            )
+        state, metadata = io.read_safetensors(d / WEIGHTS_NAME)
+        io.check_keys(unet.state_dict(), state, f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}")
         unet.load_state_dict(state, strict=True, assign=True)
         unet = unet.to(device=device, dtype=dtype).eval()
-        with open(d / WEIGHTS_NAME, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        provenance = {k: v for k, v in header.get("__metadata__", {}).items() if k != "format"}
+        provenance = {k: v for k, v in metadata.items() if k != "format"}
         return cls(unet, config, text_encoder=text_encoder, provenance=provenance)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `config.yaml` and `model.safetensors` into `path` (built in a temporary folder, then moved)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with io.atomic_dir(path) as tmp:
             save_config(self.config, tmp / CONFIG_NAME)
             state = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "mdm/1", **self.provenance})
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return Path(path)
 
     @property
     def text_encoder(self) -> TextEncoder | None:
@@ -166,104 +150,57 @@ class MDMPipeline:
         return next(self.unet.parameters()).dtype
 
     # ------------------------------------------------------------------------------------------------------
-    def _text(self, prompts: list[str]) -> Conditioning:
-        encoder = self.text_encoder
-        if encoder is None:
-            raise ValueError(
-                "this pipeline has no text encoder (config text.encoder is unset): pass text_encoder= to "
-                "from_pretrained, or prompt_embeds/prompt_mask instead of prompt"
-            )
-        if encoder.dim != self.config.model.text_dim:
-            raise ValueError(f"text encoder width {encoder.dim} != model.text_dim {self.config.model.text_dim}")
-        emb, mask = encoder.encode(prompts)
-        return Conditioning(text=emb, text_mask=mask).to(self.device, self.dtype)
+    @property
+    def conditioner(self) -> Conditioner:
+        """Builds this model's conditions on its device and dtype (the text encoder is loaded when first needed)."""
+        return Conditioner(self.config.model, lambda: self.text_encoder, self.device, self.dtype)
 
-    def label_ids(self, class_labels: list[int | str] | torch.Tensor | int | str) -> list[int] | torch.Tensor:
-        """Class indices from indices or names (`model.class_names`, e.g. 'red circle')."""
-        if isinstance(class_labels, torch.Tensor):
-            return class_labels
-        items = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
-        names = self.config.model.class_names or []
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                if item not in names:
-                    raise ValueError(f"unknown class name {item!r}; this model's classes: {names or 'unnamed'}")
-                item = names.index(item)
-            out.append(item)
-        return out
+    def prepare_latents(self, n: int, generator: torch.Generator | None, latents: Pyramid | None = None) -> Pyramid:
+        """The starting noise of every level (highest first): `latents` checked, or drawn level by level."""
+        sizes, channels = self.config.model.level_sizes(), self.config.model.in_channels
+        shapes = [(n, channels, s, s) for s in sizes]
+        if latents is None:
+            latents = [torch.randn(shape, generator=generator, dtype=torch.float32) for shape in shapes]
+        elif len(latents) != len(shapes) or any(tuple(z.shape) != sh for z, sh in zip(latents, shapes, strict=False)):
+            raise ValueError(f"latents must be {len(sizes)} tensors of shape (N, {channels}, s, s) for s in {sizes}")
+        return [z.to(self.device, self.dtype) for z in latents]
 
-    def _conditions(
+    def denoise(
         self,
-        class_labels: list[int | str] | torch.Tensor | None,
-        prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        prompt_mask: torch.Tensor | None,
-        negative_prompt: str | list[str] | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        negative_prompt_mask: torch.Tensor | None,
-        per_prompt: int,
-        guided: bool,
-    ) -> tuple[Conditioning | None, Conditioning | None]:
-        """(condition, unconditional condition) for the batch, each row repeated `per_prompt` times."""
-        m = self.config.model
-        given = [x is not None for x in (class_labels, prompt, prompt_embeds)]
-        if sum(given) > 1:
-            raise ValueError("give one of class_labels, prompt or prompt_embeds")
-        if m.context_dim() == 0:
-            if any(given):
-                raise ValueError("this model is unconditional: it takes no labels or prompts")
-            return Conditioning(), None
-        if class_labels is not None:
-            if m.num_classes == 0:
-                raise ValueError("this model is text-conditional: pass prompt or prompt_embeds")
-            labels = torch.as_tensor(self.label_ids(class_labels), dtype=torch.long).reshape(-1)
-            if labels.min() < 0 or labels.max() >= m.num_classes:
-                raise ValueError(f"class_labels must be in [0, {m.num_classes}), got {labels.tolist()}")
-            labels = labels.repeat_interleave(per_prompt).to(self.device)
-            return Conditioning(labels=labels), Conditioning(
-                labels=null_labels(len(labels), m.num_classes, self.device)
-            )
-        if m.text_dim == 0:
-            raise ValueError("this model is class-conditional: pass class_labels")
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            cond = self._text([p for p in prompts for _ in range(per_prompt)])
-        elif prompt_embeds is not None:
-            cond = Conditioning(text=prompt_embeds, text_mask=prompt_mask).to(self.device, self.dtype)
-            cond = cond.select(torch.arange(cond.batch_size).repeat_interleave(per_prompt))
-        else:
-            raise ValueError("this model is text-conditional: pass prompt or prompt_embeds")
-        if not guided:
-            return cond, None
-        n = cond.batch_size
-        if negative_prompt_embeds is not None:
-            neg = Conditioning(text=negative_prompt_embeds, text_mask=negative_prompt_mask).to(self.device, self.dtype)
-        else:
-            negs = (
-                [negative_prompt or ""]
-                if negative_prompt is None or isinstance(negative_prompt, str)
-                else list(negative_prompt)
-            )
-            if self._text_encoder is None and self.config.text.encoder is None:
-                raise ValueError(
-                    "guidance needs the unconditional text: pass negative_prompt_embeds (the encoded "
-                    "empty prompt) or attach a text encoder"
-                )
-            neg = self._text(negs)
-        if neg.batch_size == 1:
-            neg = neg.select(torch.zeros(n, dtype=torch.long))
-        elif neg.batch_size * per_prompt == n:
-            neg = neg.select(torch.arange(neg.batch_size).repeat_interleave(per_prompt))
-        if neg.batch_size != n:
-            raise ValueError(f"negative condition has {neg.batch_size} rows, expected 1 or {n}")
-        return cond, neg
+        latents: Pyramid,
+        conditions: Conditions,
+        num_inference_steps: int,
+        guidance_scale: float,
+        sampler: str,
+        eta: float,
+        thresholding: str | None,
+        generator: torch.Generator | None,
+        callback: StepCallback | None,
+    ) -> Pyramid:
+        """Run the sampler over the reference grid from `latents` to images at every level."""
+        dtype = self.dtype if self.dtype == torch.float64 else torch.float32
+        return sample(
+            self.unet,
+            latents,
+            self.diffusion.gammas(dtype).to(self.device),
+            timestep_grid(num_inference_steps, self.diffusion.T),
+            conditions.cond,
+            conditions.uncond,
+            prediction_type=self.config.diffusion.prediction_type,
+            sampler=sampler,
+            eta=eta,
+            guidance_scale=guidance_scale if conditions.uncond is not None else 1.0,
+            thresholding=thresholding or self.config.diffusion.thresholding,
+            generator=generator,
+            progress=self.progress,
+            callback=callback,
+        )
 
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        class_labels: list[int | str] | torch.Tensor | None = None,
+        class_labels: Labels | None = None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -288,56 +225,34 @@ class MDMPipeline:
         starting noise per level (highest first); otherwise they are drawn from `generator` level by level.
         `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]).
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError("num_images_per_prompt must be >= 1")
-        conditional = self.config.model.context_dim() > 0
-        guided = conditional and guidance_scale != 1.0
-        cond, uncond = self._conditions(
-            class_labels,
-            prompt,
-            prompt_embeds,
-            prompt_mask,
-            negative_prompt,
-            negative_prompt_embeds,
-            negative_prompt_mask,
-            num_images_per_prompt,
-            guided,
+        # 1. Check the inputs that nothing below checks
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        # 2. Build every sample's condition, and the unconditional branch when guidance is on
+        conditions = self.conditioner.build(
+            class_labels=class_labels,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_mask=prompt_mask,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_mask=negative_prompt_mask,
+            per_prompt=num_images_per_prompt,
+            batch_size=batch_size,
+            guided=guidance_scale != 1.0,
         )
-        n = cond.batch_size or batch_size * num_images_per_prompt
-        sizes = self.config.model.level_sizes()
-        channels = self.config.model.in_channels
-        if latents is None:
-            latents = [torch.randn((n, channels, s, s), generator=generator, dtype=torch.float32) for s in sizes]
-        elif len(latents) != len(sizes) or any(
-            tuple(z.shape) != (n, channels, s, s) for z, s in zip(latents, sizes, strict=False)
-        ):
-            raise ValueError(f"latents must be {len(sizes)} tensors of shape (N, {channels}, s, s) for s in {sizes}")
-        latents = [z.to(self.device, self.dtype) for z in latents]
-        dtype = self.dtype if self.dtype == torch.float64 else torch.float32
-        grid = timestep_grid(num_inference_steps, self.diffusion.T)
-        levels = sample(
-            self.unet,
-            latents,
-            self.diffusion.gammas(dtype).to(self.device),
-            grid,
-            cond if conditional else None,
-            uncond,
-            prediction_type=self.config.diffusion.prediction_type,
-            sampler=sampler,
-            eta=eta,
-            guidance_scale=guidance_scale if guided else 1.0,
-            thresholding=thresholding or self.config.diffusion.thresholding,
-            generator=generator,
-            progress=self.progress,
-            callback=callback,
+        # 3. Prepare the starting noise of every level
+        latents = self.prepare_latents(conditions.batch_size, generator, latents)
+        # 4. Denoise every level jointly
+        levels = self.denoise(
+            latents, conditions, num_inference_steps, guidance_scale, sampler, eta, thresholding, generator, callback
         )
-        levels = [lv.clamp(-1, 1) for lv in levels]
-        if output_type == "pt":
-            return MDMPipelineOutput(images=levels[0], levels=levels)
-        if output_type == "np":
-            arrays = [to_uint8(lv) for lv in levels]
-            return MDMPipelineOutput(images=arrays[0], levels=arrays)
-        pils: list[list[Image.Image]] = [to_pil(lv) for lv in levels]
-        return MDMPipelineOutput(images=pils[0], levels=pils)
+        # 5. Convert to the requested output type
+        return _output([lv.clamp(-1, 1) for lv in levels], conditions.titles, output_type)
+
+
+def _output(levels: Pyramid, titles: list[str], output_type: str) -> MDMPipelineOutput:
+    """Every level as float tensors ("pt"), uint8 arrays ("np") or PIL images ("pil")."""
+    convert = {"pt": lambda x: x, "np": to_uint8, "pil": to_pil}[output_type]
+    converted = [convert(lv) for lv in levels]
+    return MDMPipelineOutput(images=converted[0], levels=converted, titles=titles)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from mdm import io
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -21,7 +20,8 @@ def loss_curve(log: str | Path, out: str | Path) -> Path:
     records = [r for r in read_log(log) if "loss" in r]
     if not records:
         raise ValueError(f"{log}: no loss records to plot")
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.subplots()
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], color="black", lw=1.6, label="total")
     sizes = sorted({s for r in records for s in r["level_sizes"]}, reverse=True)
@@ -49,10 +49,11 @@ def loss_curve(log: str | Path, out: str | Path) -> Path:
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Figure, out: str | Path) -> Path:
+    """Write a figure as PNG, atomically (a pyplot-free Figure: no global backend switch)."""
+    with io.atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out)

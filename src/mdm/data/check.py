@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mdm.data.folder import IMAGE_SUFFIXES, BadSample, FolderDataset, ReadOptions, load_image
+from mdm.data.folder import BadSample, FolderDataset, ReadOptions, image_files, load_image, require_int
 from mdm.data.shards import ShardDataset
 
 SIDE_BINS = (64, 128, 256, 512, 1024)
@@ -18,11 +18,14 @@ SIDE_BINS = (64, 128, 256, 512, 1024)
 
 @dataclass
 class Report:
-    """Counts, the shorter-side histogram, caption word counts and the problems of a dataset."""
+    """Counts, the shorter-side histogram, caption word counts and the problems of a dataset.
+
+    `class_names` are the dataset's classes (what training uses); `classes` counts the samples of each."""
 
     root: Path
     layout: str
     samples: int = 0
+    class_names: list[str] = field(default_factory=list)
     classes: Counter = field(default_factory=Counter)
     sides: Counter = field(default_factory=Counter)
     words: list[int] = field(default_factory=list)
@@ -35,10 +38,9 @@ class Report:
             f"{self.root}: {self.layout}",
             f"samples: {self.samples}, usable: {usable}, problems: {len(self.problems)}",
         ]
-        if self.classes:
-            out.append(
-                f"classes ({len(self.classes)}): " + ", ".join(f"{k}: {v}" for k, v in sorted(self.classes.items()))
-            )
+        if self.class_names:
+            counts = ", ".join(f"{name}: {self.classes[name]}" for name in self.class_names)
+            out.append(f"classes ({len(self.class_names)}): {counts}")
         labels = [f"<{SIDE_BINS[0]}"] + [f"{a}-{b - 1}" for a, b in pairwise(SIDE_BINS)]
         labels.append(f">={SIDE_BINS[-1]}")
         out.append("shorter side: " + ", ".join(f"{lab}: {self.sides.get(i, 0)}" for i, lab in enumerate(labels)))
@@ -57,26 +59,28 @@ def is_image_folder(path: Path) -> bool:
     """A directory is read as an image folder unless it holds `.tar` shards and no images."""
     if not path.is_dir():
         return False
-    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
-    return has_images or (path / "metadata.jsonl").is_file() or not any(path.glob("*.tar"))
+    return (path / "metadata.jsonl").is_file() or not any(path.glob("*.tar")) or bool(image_files(path))
 
 
 def check_data(path: str | Path, min_size: int = 0, max_pixels: int = 89_478_485, progress: bool = True) -> Report:
     """Open every sample of an image folder, tar shards or an ml-mdm TSV the way training would and report it.
 
     `path` is an image folder, or anything `data.path` accepts for shards (.tar, directory, glob, brace pattern, .tsv).
+    A malformed dataset raises DataError (a ValueError) naming the file; unusable samples are the report's problems.
     """
-    options = ReadOptions(max(1, min_size), max_pixels=max_pixels)
+    options = ReadOptions(
+        max(1, require_int(min_size, "min_size", 0)), max_pixels=require_int(max_pixels, "max_pixels", 1)
+    )
     ds = FolderDataset(path, options) if is_image_folder(Path(path)) else ShardDataset(str(path), options)
-    report = Report(Path(path), ds.layout, samples=len(ds))
+    report = Report(Path(path), ds.layout, samples=len(ds), class_names=list(ds.class_names))
     for index in tqdm(range(len(ds)), desc="check", disable=not progress):
-        name, caption, label = ds.describe(index)
-        if ds.class_names and label >= 0:
-            report.classes[ds.class_names[label]] += 1
-        if caption:
-            report.words.append(len(caption.split()))
         try:
-            image = load_image(name, ds.options.smallest, max_pixels, data=ds.read(index))
+            name, caption, label = ds.describe(index)
+            if label >= 0:
+                report.classes[ds.class_names[label]] += 1
+            if caption:
+                report.words.append(len(caption.split()))
+            image = load_image(name, ds.options.smallest, max_pixels, ds.read(index))
         except BadSample as e:
             report.problems.append(str(e))
             continue

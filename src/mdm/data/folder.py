@@ -2,43 +2,104 @@
 
 Layouts, checked in this order:
 - `metadata.jsonl`: one JSON object per line with `file_name` (relative to the folder), `text` and an
-  optional `label` (an index or a class name);
+  optional `label`: class names, or integers 0..K-1 (K is the largest + 1, or the number of lines of a
+  `classes.txt` beside it, line i naming label i); every line has a label or none does;
 - class subfolders: `root/<class name>/<image>`; the caption is a sidecar `.txt` if present, else the class;
 - flat: every image below `root`, captioned by its sidecar `.txt`.
 
-Images are read with EXIF orientation applied, converted to RGB (grayscale, palette, RGBA over white, 16-bit),
-resized so the shorter side is `image_size`, then centre- or randomly cropped and optionally flipped; the
-random choices come from a generator seeded by (seed, index). A sample that cannot be used (unreadable,
-truncated, empty, too small, a decompression bomb, no caption where one is needed) is replaced by the next
-usable one, and the item says how many it skipped so the trainer can count and report them.
+Names starting with '.' (`.ipynb_checkpoints`, `._x.png`) are skipped and folders without images are no class.
+Nothing outside the folder is read: a symlinked folder is followed when its target is inside (else the folder
+is refused), and a file whose real path leaves the folder (a symlink, `../` or an absolute `file_name`) is an
+unusable sample. Text files are UTF-8 (a byte-order mark is allowed).
+
+Images are read with EXIF orientation applied, converted to RGB (grayscale, palette, RGBA over white, 16/32-bit
+integer and float), resized so the shorter side is `image_size`, then centre- or randomly cropped and optionally
+flipped; the random choices come from a generator seeded by (seed, index). A sample that cannot be used
+(unreadable, truncated, empty, too small, a decompression bomb, outside the folder, an unreadable caption, no
+caption where one is needed) is replaced by the next usable one, and the item says how many it skipped so the
+trainer can count and report them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class BadSample(ValueError):
+class DataError(ValueError):
+    """Data that cannot be read as a dataset (the message names the file, and line, and why)."""
+
+
+class BadSample(DataError):
     """A file that cannot become a training image (the message says why)."""
 
 
+def require_int(value: object, name: str, low: int) -> int:
+    """`value` when it is an integer >= `low` (a bool is not); else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); DataError naming `name` and the line otherwise."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def parse_class_names(text: str, name: str) -> list[str]:
+    """The class names in the text of a `classes.txt` (line i names label i); DataError for empty or repeated ones."""
+    names = [line.strip() for line in text.splitlines()]
+    for i, class_name in enumerate(names):
+        if not class_name:
+            raise DataError(f"{name}:{i + 1}: empty line; expected one class name per line")
+        if class_name in names[:i]:
+            raise DataError(f"{name}:{i + 1}: class {class_name!r} is also on line {names.index(class_name) + 1}")
+    return names
+
+
+def _gray_8bit(image: Image.Image) -> Image.Image:
+    """8-bit grayscale from a 16/32-bit integer or float image.
+
+    Floats in [0, 1] and integers in 0..255 (mode I) or 0..65535 keep their meaning; other values are scaled by
+    the image's range (from min(its minimum, 0) to its maximum).
+    """
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"a mode {image.mode} image with NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if image.mode == "F":
+        top = 1.0
+    elif lo >= 0 and hi <= 255 and not image.mode.startswith("I;16"):
+        top = 255.0
+    else:
+        top = 65535.0 if lo >= 0 and hi <= 65535 else 1.0
+    lo, hi = min(lo, 0.0), max(hi, top)
+    return Image.fromarray(((arr - lo) / (hi - lo) * 255.0).round().astype(np.uint8))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: 16/32-bit grayscale is rescaled, alpha is composited over white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    """RGB from any PIL mode: integer and float grayscale is mapped to 8 bits, alpha is composited over white."""
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = _gray_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -48,32 +109,57 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path | str, min_size: int, max_pixels: int, data: bytes | None = None) -> Image.Image:
-    """Open, orient and convert one image (a file, or `data` read from an archive member named `path`).
+# What PIL's decoders raise for corrupt or hostile files (besides OSError), so that a bad file is a bad sample.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
-    Raises BadSample naming the problem.
-    """
-    try:
-        size = len(data) if data is not None else Path(path).stat().st_size
-    except FileNotFoundError:
-        raise BadSample(f"{path}: listed but missing") from None
-    if size == 0:
-        raise BadSample(f"{path}: empty file")
+
+@contextmanager
+def open_image(name: str, data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image in `data`, header read and size checked; what PIL raises (here or in the body) becomes BadSample."""
+    if not data:
+        raise BadSample(f"{name}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > max_pixels:
-                    raise BadSample(f"{path}: {im.width}x{im.height} exceeds data.max_pixels = {max_pixels}")
-                im.load()
-                image = to_rgb(ImageOps.exif_transpose(im))
+                    raise BadSample(f"{name}: {im.width}x{im.height} exceeds data.max_pixels = {max_pixels}")
+                yield im
     except BadSample:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSample(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    except UnidentifiedImageError:
+        raise BadSample(f"{name}: not a readable image (not in any format PIL knows)") from None
+    except _DECODE_ERRORS as e:
+        raise BadSample(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def load_image(name: str, min_size: int, max_pixels: int, data: bytes) -> Image.Image:
+    """Decode, orient and convert the image bytes `data` of the file or archive member `name`; BadSample if unusable."""
+    with open_image(name, data, max_pixels) as im:
+        im.load()
+        image = to_rgb(ImageOps.exif_transpose(im))
     if min(image.size) < min_size:
-        raise BadSample(f"{path}: {image.width}x{image.height} is smaller than data.min_size = {min_size}")
+        raise BadSample(f"{name}: {image.width}x{image.height} is smaller than data.min_size = {min_size}")
     return image
+
+
+def verify_image(name: str, data: bytes, max_pixels: int) -> str:
+    """PIL's format name of the image in `data`, checked cheaply (header, and checksums where the format has them)."""
+    with open_image(name, data, max_pixels) as im:
+        im.verify()
+        return im.format or ""
 
 
 def resize_crop(image: Image.Image, size: int, crop: str, flip: bool, rng: np.random.Generator) -> torch.Tensor:
@@ -106,6 +192,9 @@ class ReadOptions:
     def __post_init__(self) -> None:
         if self.crop not in ("center", "random"):
             raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        require_int(self.image_size, "image_size", 1)
+        require_int(self.min_size, "data.min_size", 0)
+        require_int(self.max_pixels, "data.max_pixels", 1)
 
     @property
     def smallest(self) -> int:
@@ -116,8 +205,8 @@ class ReadOptions:
 class ImageDataset(Dataset):
     """Shared reading: decode, check, resize and crop; `__getitem__` passes over unusable samples.
 
-    Each storage layout says what sample `index` is (`describe`) and where its bytes are (`read`), and names
-    itself in `layout` (for reports).
+    Each storage layout says what sample `index` is (`describe`, BadSample when its caption cannot be read) and
+    gives its bytes (`read`, BadSample when the image or label is unusable), and names itself in `layout`.
     """
 
     options: ReadOptions
@@ -129,9 +218,9 @@ class ImageDataset(Dataset):
         """(name, caption or None, label or -1) of sample `index`; the name is a file or an archive member."""
         raise NotImplementedError
 
-    def read(self, index: int) -> bytes | None:
-        """The image bytes of sample `index`, or None when its `describe` name is the file to open (or BadSample)."""
-        return None
+    def read(self, index: int) -> bytes:
+        """The image bytes of sample `index`, or BadSample."""
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
@@ -139,8 +228,14 @@ class ImageDataset(Dataset):
         return len(self.class_names)
 
     def captions(self) -> list[str]:
-        """The caption of every sample ("" where there is none), read without decoding any image."""
-        return [self.describe(i)[1] or "" for i in range(len(self))]
+        """The caption of every sample ("" where there is none or it is unreadable), without decoding any image."""
+        out = []
+        for i in range(len(self)):
+            try:
+                out.append(self.describe(i)[1] or "")
+            except BadSample:
+                out.append("")
+        return out
 
     def load(self, index: int) -> dict:
         """Sample `index` or BadSample."""
@@ -148,7 +243,7 @@ class ImageDataset(Dataset):
         o = self.options
         if o.need_captions and not caption:
             raise BadSample(f"{name}: no caption")
-        image = load_image(name, o.smallest, o.max_pixels, data=self.read(index))
+        image = load_image(name, o.smallest, o.max_pixels, self.read(index))
         rng = np.random.default_rng([o.seed, index])
         return {
             "image": resize_crop(image, o.image_size, o.crop, o.flip, rng),
@@ -166,7 +261,51 @@ class ImageDataset(Dataset):
                 return {**self.load((index + skipped) % len(self.items)), "skipped": skipped}
             except BadSample:
                 continue
-        raise ValueError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")
+        raise DataError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file below `root`, sorted, skipping names that start with '.'.
+
+    A symlinked folder is followed when its real path is inside `root` (once per branch, so links cannot loop)
+    and refused with DataError otherwise; symlinked files are listed, and checked when read.
+    """
+    real_root = Path(os.path.realpath(root))
+    found: list[Path] = []
+
+    def visit(folder: Path, real: Path, above: frozenset[Path]) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as e:
+            raise DataError(f"{folder}: cannot list the folder ({e.strerror})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            if entry.is_dir():
+                target = Path(os.path.realpath(path)) if entry.is_symlink() else real / entry.name
+                if not target.is_relative_to(real_root):
+                    raise DataError(
+                        f"{path}: a symlink to the folder {target}, outside the data folder {root}; "
+                        "move or copy it inside, or name it as the data path"
+                    )
+                if target not in above:
+                    visit(path, target, above | {target})
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+
+    visit(root, real_root, frozenset({real_root}))
+    return sorted(found)
+
+
+class _Item(NamedTuple):
+    """One sample of a folder: its image file, caption, label, and why its caption cannot be read."""
+
+    path: Path
+    caption: str | None
+    label: int
+    problem: str = ""
 
 
 class FolderDataset(ImageDataset):
@@ -176,56 +315,130 @@ class FolderDataset(ImageDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.path: {self.root} is not a folder")
+        self.real_root = Path(os.path.realpath(self.root))
         self.options = options
-        self.items, self.class_names = self._discover()
-        if not self.items:
-            raise ValueError(f"data.path: no images found in {self.root} (looked for {sorted(IMAGE_SUFFIXES)})")
-
-    def _discover(self) -> tuple[list[tuple[Path, str | None, int]], list[str]]:
-        """(path, caption or None, label) per sample, and the class names (empty without classes)."""
         meta = self.root / "metadata.jsonl"
-        if meta.is_file():
-            rows = []
-            for n, line in enumerate(meta.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    rows.append((row["file_name"], row.get("text"), row.get("label")))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{meta}:{n}: expected a JSON object with 'file_name' (and 'text'/'label')"
-                    ) from None
-            names = sorted({str(label) for _, _, label in rows if isinstance(label, str)})
-            items = []
-            for file, text, label in rows:
-                index = names.index(label) if isinstance(label, str) else (-1 if label is None else int(label))
-                items.append((self.root / file, text, index))
-            return items, names
-        images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        classed = subdirs and all(p.parent != self.root for p in images)
-        items = []
-        for path in images:
-            side = path.with_suffix(".txt")
-            caption = side.read_text().strip() if side.is_file() else None
-            if classed:
-                name = path.relative_to(self.root).parts[0]
-                items.append((path, caption if caption is not None else name, subdirs.index(name)))
-            else:
-                items.append((path, caption, -1))
-        return items, subdirs if classed else []
+        if os.path.lexists(meta):
+            self.items, self.class_names = self._metadata(meta)
+            self.layout = "metadata.jsonl"
+        else:
+            self.items, self.class_names = self._walk()
+            self.layout = (
+                f"class folders ({self.num_classes} classes)"
+                if self.class_names
+                else "flat folder with sidecar captions"
+            )
+        if not self.items:
+            raise DataError(f"data.path: no images found in {self.root} (looked for {sorted(IMAGE_SUFFIXES)})")
 
-    @property
-    def layout(self) -> str:
-        """Which of the three folder layouts was found."""
-        if (self.root / "metadata.jsonl").is_file():
-            return "metadata.jsonl"
-        if self.class_names:
-            return f"class folders ({self.num_classes} classes)"
-        return "flat folder with sidecar captions"
+    def _bytes(self, path: Path) -> bytes:
+        """The contents of the regular file `path`; BadSample when it is missing, unreadable or outside the folder."""
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.real_root):
+            raise BadSample(f"{path}: outside the data folder {self.root} (it resolves to {real}); not read")
+        if not os.path.exists(real):
+            raise BadSample(f"{path}: listed but missing")
+        if not os.path.isfile(real):
+            raise BadSample(f"{path}: not a regular file")
+        try:
+            return real.read_bytes()
+        except OSError as e:
+            raise BadSample(f"{path}: cannot be read ({e.strerror})") from None
+
+    def _text(self, path: Path) -> str:
+        """A text file of the folder (metadata.jsonl, classes.txt); DataError naming it when it cannot be read."""
+        return decode_text(self._bytes(path), str(path))
+
+    def _sidecar(self, image: Path) -> tuple[str | None, str]:
+        """The caption in the `.txt` beside `image` (None without one), and why it cannot be read ('' if it can)."""
+        side = image.with_suffix(".txt")
+        if not os.path.lexists(side):
+            return None, ""
+        try:
+            return self._text(side).strip(), ""
+        except DataError as e:
+            return None, str(e)
+
+    def _walk(self) -> tuple[list[_Item], list[str]]:
+        """Class folders (when no image lies directly in the root) or a flat folder."""
+        images = image_files(self.root)
+        tops = [path.relative_to(self.root).parts for path in images]
+        classed = bool(images) and all(len(parts) > 1 for parts in tops)
+        names = sorted({parts[0] for parts in tops}) if classed else []
+        index = {name: i for i, name in enumerate(names)}
+        items = []
+        for path, parts in zip(images, tops, strict=True):
+            caption, problem = self._sidecar(path)
+            if classed:
+                items.append(_Item(path, parts[0] if caption is None else caption, index[parts[0]], problem))
+            else:
+                items.append(_Item(path, caption, -1, problem))
+        return items, names
+
+    def _metadata(self, meta: Path) -> tuple[list[_Item], list[str]]:
+        """Samples and class names of a metadata.jsonl; DataError naming the line of any malformed row or label."""
+        rows: list[tuple[int, str, str | None, str | int | None]] = []
+        for n, line in enumerate(self._text(meta).splitlines(), 1):
+            if line.strip():
+                rows.append((n, *_row(line, f"{meta}:{n}")))
+        labelled = [(n, label) for n, _, _, label in rows if label is not None]
+        if not labelled:
+            return [_Item(self.root / file, text, -1) for _, file, text, _ in rows], []
+        first_line, first = labelled[0]
+        for n, label in labelled:
+            if isinstance(label, str) != isinstance(first, str):
+                raise DataError(
+                    f"{meta}:{n}: label {label!r} but line {first_line} has the label {first!r}; "
+                    "use class names or integers, not both"
+                )
+        unlabelled = next((n for n, _, _, label in rows if label is None), None)
+        if unlabelled is not None:
+            raise DataError(f"{meta}:{unlabelled}: no 'label' but line {first_line} has one; label every line or none")
+        listing = self.root / "classes.txt"
+        listed = parse_class_names(self._text(listing), str(listing)) if os.path.lexists(listing) else None
+        if isinstance(first, str):
+            names = listed or sorted({label for _, label in labelled})
+        else:
+            names = listed or [str(i) for i in range(max(label for _, label in labelled) + 1)]
+        index = {name: i for i, name in enumerate(names)}
+        items = []
+        for n, file, text, label in rows:
+            i = index.get(label) if isinstance(label, str) else label
+            if i is None or i >= len(names):
+                raise DataError(f"{meta}:{n}: label {label!r} is not one of the {len(names)} classes of {listing}")
+            items.append(_Item(self.root / file, text, i))
+        return items, names
 
     def describe(self, index: int) -> tuple[str, str | None, int]:
-        """(image path, caption or None, label or -1) of sample `index`."""
-        path, caption, label = self.items[index]
-        return str(path), caption, label
+        """(image path, caption or None, label or -1) of sample `index`; BadSample when its caption is unreadable."""
+        item = self.items[index]
+        if item.problem:
+            raise BadSample(item.problem)
+        return str(item.path), item.caption, item.label
+
+    def read(self, index: int) -> bytes:
+        """The bytes of sample `index`'s image file; BadSample when it is missing, unreadable or outside the folder."""
+        return self._bytes(self.items[index].path)
+
+
+def _row(line: str, where: str) -> tuple[str, str | None, str | int | None]:
+    """(file_name, text or None, label or None) of one metadata.jsonl line; DataError naming `where` otherwise."""
+    shape = "expected a JSON object with 'file_name' (and 'text'/'label')"
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{where}: {shape}; invalid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: {shape}, got {type(row).__name__} {row!r:.60}")
+    if "file_name" not in row:
+        raise DataError(f"{where}: {shape}, got no 'file_name'")
+    file, text, label = row["file_name"], row.get("text"), row.get("label")
+    if not isinstance(file, str) or not file or "\0" in file:
+        raise DataError(f"{where}: 'file_name' must be a path relative to the folder, got {file!r}")
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be a string, got {text!r:.60}")
+    named = isinstance(label, str) and label.strip()
+    numbered = isinstance(label, int) and not isinstance(label, bool) and label >= 0
+    if label is not None and not (named or numbered):
+        raise DataError(f"{where}: 'label' must be a class name or an integer >= 0, got {label!r:.60}")
+    return file, text, label

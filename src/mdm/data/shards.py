@@ -1,9 +1,11 @@
 """Tar shards read by random access: the img2dataset / WebDataset layout, the Apple ml-mdm TSV layout, `mdm data pack`.
 
 WebDataset: a sample is the set of members sharing a key: `key.jpg|jpeg|png|webp` (the image), `key.txt` (caption),
-`key.json` (a 'caption' or 'text' field, used when there is no .txt) and `key.cls` (an integer label). Shards are
-named by local paths, directories (every `*.tar` in them), globs, or brace patterns such as
-`data/{000000..000099}.tar`; a `classes.txt` beside them (line i = the name of label i) names the classes.
+`key.json` (a 'caption' or 'text' field, used when there is no .txt) and `key.cls` (an integer label >= 0; when any
+sample has one, a sample with a missing or malformed one is unusable). Captions are UTF-8; an undecodable one makes
+its sample unusable. Shards are named by local paths, directories (every `*.tar` in them whose real path stays inside,
+names starting with '.' skipped), globs, or brace patterns such as `data/{000000..000099}.tar`; a `classes.txt`
+beside them (line i = the name of label i) names the classes.
 
 ml-mdm: a shard TSV (header `tar`, `file`, `caption`) lists one image member per row with its caption; an index TSV
 (header `filename`) lists shard TSVs. Relative paths resolve against the directory of the TSV naming them; a row
@@ -19,14 +21,30 @@ import csv
 import glob
 import io
 import json
+import logging
 import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from mdm.data.folder import IMAGE_SUFFIXES, BadSample, FolderDataset, ImageDataset, ReadOptions
+from mdm.data.folder import (
+    IMAGE_SUFFIXES,
+    BadSample,
+    DataError,
+    FolderDataset,
+    ImageDataset,
+    ReadOptions,
+    decode_text,
+    parse_class_names,
+    require_int,
+    verify_image,
+)
+from mdm.io import atomic_file, write_text
+
+log = logging.getLogger(__name__)
 
 _COMMON = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_EXTS = _COMMON + tuple(sorted(IMAGE_SUFFIXES.difference(_COMMON)))  # a sample's image: the first one present
@@ -55,7 +73,7 @@ def shard_paths(spec: str) -> list[Path]:
     for item in expand_braces(spec):
         path = Path(item)
         if path.is_dir():
-            out.extend(sorted(path.glob("*.tar")))
+            out.extend(_folder_tars(path))
         elif any(c in item for c in "*?["):
             out.extend(Path(p) for p in sorted(glob.glob(item)))
         elif path.is_file():
@@ -77,7 +95,8 @@ class _Entry(NamedTuple):
     caption: str | None = None  # from an ml-mdm TSV row
     text: tuple[int, int] | None = None  # WebDataset .txt member
     meta: tuple[int, int] | None = None  # WebDataset .json member
-    problem: str = ""  # why there is no image
+    problem: str = ""  # why the image or label is unusable
+    cls: str | None = None  # WebDataset .cls member
 
 
 def _read_at(handle: BinaryIO, offset: int, size: int) -> bytes:
@@ -146,15 +165,15 @@ def _scan(tar: Path, read: tuple[str, ...] = ()) -> tuple[dict[str, tuple[int, i
                 with tarfile.open(fileobj=handle, mode="r:") as archive:
                     return collect((m.name, m.offset_data, m.size) for m in archive if m.isfile())
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{tar}: not a readable tar shard ({e}; expected an uncompressed tar)") from None
+        raise DataError(f"{tar}: not a readable tar shard ({e}; expected an uncompressed tar)") from None
 
 
-def _label(raw: bytes | None) -> int:
-    """The integer in a `.cls` member, or -1 when there is none or it is not an integer."""
-    try:
-        return int(raw.decode().strip()) if raw else -1
-    except (ValueError, UnicodeDecodeError):
-        return -1
+def _label(raw: bytes, where: str) -> tuple[int, str]:
+    """(label, '') from the text of a `.cls` member, or (-1, why it is not an integer >= 0)."""
+    text = raw.decode("utf-8", "replace").strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text), ""
+    return -1, f"{where}: expected a class index (an integer >= 0), got {text!r:.40}"
 
 
 def _webdataset(shard: Path) -> list[_Entry]:
@@ -167,19 +186,41 @@ def _webdataset(shard: Path) -> list[_Entry]:
     entries = []
     for key, exts in groups.items():
         image = next((exts[e] for e in IMAGE_EXTS if e in exts), None)
-        text, meta = exts.get(".txt"), exts.get(".json")
+        text, meta, cls = exts.get(".txt"), exts.get(".json"), exts.get(".cls")
+        label, problem = _label(contents[cls], f"{shard}:{cls}") if cls else (-1, "")
         entries.append(
             _Entry(
                 shard,
                 image or key,
                 members[image] if image else None,
-                label=_label(contents.get(exts.get(".cls", ""))),
+                label=label,
                 text=members[text] if text else None,
                 meta=members[meta] if meta else None,
-                problem="" if image else f"{shard}:{key}: no image member ({'/'.join(IMAGE_EXTS)})",
+                problem=problem if image else f"{shard}:{key}: no image member ({'/'.join(IMAGE_EXTS)})",
+                cls=cls,
             )
         )
     return entries
+
+
+def _folder_tars(folder: Path) -> list[Path]:
+    """The `*.tar` files of a shard folder, sorted; names starting with '.' are skipped, and DataError is raised for
+    one whose real path leaves the folder."""
+    real = Path(os.path.realpath(folder))
+    tars = sorted(p for p in folder.glob("*.tar") if not p.name.startswith("."))
+    for tar in tars:
+        target = Path(os.path.realpath(tar))
+        if not target.is_relative_to(real):
+            raise DataError(f"{tar}: a symlink to {target}, outside the shard folder {folder}; name it explicitly")
+    return tars
+
+
+def _labelled(entries: list[_Entry]) -> list[_Entry]:
+    """`entries`, where any has a `.cls` label, with those lacking one marked unusable."""
+    if not any(e.cls for e in entries):
+        return entries
+    why = "no .cls label, though other samples have one"
+    return [e if e.cls or e.problem else e._replace(problem=f"{e.tar}:{e.name}: {why}") for e in entries]
 
 
 def _class_names(shards: list[Path], labels: list[int]) -> list[str]:
@@ -188,14 +229,12 @@ def _class_names(shards: list[Path], labels: list[int]) -> list[str]:
     files = [f for f in sorted({p.parent / "classes.txt" for p in shards}) if f.is_file()]
     if not files:
         return [str(i) for i in range(top + 1)]
-    names = [line.strip() for line in files[0].read_text(encoding="utf-8").splitlines()]
-    if "" in names:
-        raise ValueError(f"{files[0]}:{names.index('') + 1}: empty line; expected one class name per line")
-    for other in files[1:]:
-        if [line.strip() for line in other.read_text(encoding="utf-8").splitlines()] != names:
-            raise ValueError(f"{other}: lists other classes than {files[0]}; the shards must share one classes.txt")
+    names, *others = (parse_class_names(decode_text(f.read_bytes(), str(f)), str(f)) for f in files)
+    for other, listed in zip(files[1:], others, strict=True):
+        if listed != names:
+            raise DataError(f"{other}: lists other classes than {files[0]}; the shards must share one classes.txt")
     if top >= len(names):
-        raise ValueError(f"{files[0]}: names {len(names)} classes but the shards hold label {top} (line i: label i)")
+        raise DataError(f"{files[0]}: names {len(names)} classes but the shards hold label {top} (line i: label i)")
     return names
 
 
@@ -271,8 +310,9 @@ def _ml_mdm(path: Path) -> tuple[list[_Entry], str]:
 class ShardDataset(ImageDataset):
     """Images with captions and labels from tar shards or ml-mdm TSVs; unusable samples are replaced and counted."""
 
-    def __init__(self, spec: str, options: ReadOptions) -> None:
+    def __init__(self, spec: str | Path, options: ReadOptions) -> None:
         self.options = options
+        spec = str(spec)
         if spec.lower().endswith(".tsv"):
             path = Path(spec)
             if not path.is_file():
@@ -281,11 +321,11 @@ class ShardDataset(ImageDataset):
             self.class_names: list[str] = []
         else:
             shards = shard_paths(spec)
-            self.items = [e for shard in shards for e in _webdataset(shard)]
+            self.items = _labelled([e for shard in shards for e in _webdataset(shard)])
             self.layout = f"WebDataset tar shards ({len(shards)} shards)"
             self.class_names = _class_names(shards, [e.label for e in self.items])
         if not self.items:
-            raise ValueError(f"data.path: {spec!r} holds no samples")
+            raise DataError(f"data.path: {spec!r} holds no samples")
         self._files: dict[Path, BinaryIO] = {}
 
     def _bytes(self, tar: Path, where: tuple[int, int]) -> bytes:
@@ -295,27 +335,38 @@ class ShardDataset(ImageDataset):
         return _read_at(handle, *where)
 
     def describe(self, index: int) -> tuple[str, str | None, int]:
-        """('tar:member', caption or None, label or -1) of sample `index`; the caption is read here when stored."""
+        """('tar:member', caption or None, label or -1) of sample `index`; the caption is read here when stored, and
+        BadSample names its member when it cannot be."""
         e = self.items[index]
         return f"{e.tar}:{e.name}", self._caption(e), e.label
 
     def _caption(self, e: _Entry) -> str | None:
-        if e.caption is not None:
+        """The TSV caption, the .txt member, or the 'caption' (else 'text') string of the .json member of `e`."""
+        if e.caption is not None or (e.text is None and e.meta is None):
             return e.caption
-        if e.text is not None:
-            return self._bytes(e.tar, e.text).decode("utf-8", errors="replace").strip()
-        if e.meta is not None:
-            try:
-                row = json.loads(self._bytes(e.tar, e.meta))
-                return row.get("caption") or row.get("text")
-            except (ValueError, AttributeError):
-                return None
-        return None
+        ext, where = (".txt", e.text) if e.text is not None else (".json", e.meta)
+        name = f"{e.tar}:{os.path.splitext(e.name)[0] if e.image else e.name}{ext}"
+        try:
+            text = decode_text(self._bytes(e.tar, where), name)
+        except DataError as err:
+            raise BadSample(str(err)) from None
+        if ext == ".txt":
+            return text.strip()
+        try:
+            row = json.loads(text)
+        except ValueError as err:
+            raise BadSample(f"{name}: invalid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise BadSample(f"{name}: expected a JSON object, got {type(row).__name__}")
+        caption = row.get("caption") or row.get("text")
+        if caption is not None and not isinstance(caption, str):
+            raise BadSample(f"{name}: 'caption' / 'text' must be a string, got {caption!r:.60}")
+        return caption
 
     def read(self, index: int) -> bytes:
-        """The image bytes of sample `index`; BadSample when its tar or image member is missing."""
+        """The image bytes of sample `index`; BadSample when its tar, image member or label is unusable."""
         e = self.items[index]
-        if e.image is None:
+        if e.problem:
             raise BadSample(e.problem)
         return self._bytes(e.tar, e.image)
 
@@ -323,33 +374,59 @@ class ShardDataset(ImageDataset):
         return {**self.__dict__, "_files": {}}
 
 
+# Member suffixes for images named without an image suffix (any of them reads back: PIL goes by content).
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def _packable(ds: FolderDataset) -> Iterator[tuple[str, bytes, str | None, int]]:
+    """(member suffix, bytes, caption, label) of every sample whose file is inside the folder and is an image; the
+    others are logged as warnings and left out."""
+    for i, item in enumerate(ds.items):
+        try:
+            name, caption, label = ds.describe(i)
+            data = ds.read(i)
+            fmt = verify_image(name, data, ds.options.max_pixels)
+        except BadSample as e:
+            log.warning("data pack: left out %s", e)
+            continue
+        suffix = item.path.suffix.lower()
+        yield suffix if suffix in IMAGE_SUFFIXES else _FORMAT_SUFFIX.get(fmt, ".png"), data, caption, label
+
+
 def pack(folder: str | Path, out: str | Path, shard_size: int = 1000) -> list[Path]:
-    """Write an image folder as WebDataset shards `out/shard-NNNNNN.tar` (original bytes, .txt, .cls), and
-    `out/classes.txt` when the folder names its classes (a stale one is removed otherwise)."""
+    """Write the usable images of a folder as WebDataset shards `out/shard-NNNNNN.tar` (original bytes, .txt, .cls)
+    and `out/classes.txt` when the folder names its classes; a stale classes.txt or higher-numbered shard is removed.
+
+    Files that are not images or lie outside the folder are left out (each logged); DataError when none is left.
+    """
+    require_int(shard_size, "shard_size", 1)
     ds = FolderDataset(folder, ReadOptions(1))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    classes = out / "classes.txt"
-    if ds.class_names:
-        classes.write_text("".join(f"{name}\n" for name in ds.class_names), encoding="utf-8")
-    else:
-        classes.unlink(missing_ok=True)
-    written = []
-    for first in range(0, len(ds.items), shard_size):
-        path = out / f"shard-{first // shard_size:06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for i, (src, caption, label) in enumerate(ds.items[first : first + shard_size], start=first):
-                key = f"{i:09d}"
-                members = [(src.suffix.lower(), src.read_bytes())]
+    samples = _packable(ds)
+    written: list[Path] = []
+    while (head := next(samples, None)) is not None:
+        path = out / f"shard-{len(written):06d}.tar"
+        with atomic_file(path) as tmp, tarfile.open(tmp, "w") as tar:
+            first = len(written) * shard_size
+            for n, (suffix, data, caption, label) in enumerate(chain([head], islice(samples, shard_size - 1)), first):
+                members = [(suffix, data)]
                 if caption:
                     members.append((".txt", caption.encode()))
                 if label >= 0:
                     members.append((".cls", str(label).encode()))
-                for ext, data in members:
-                    info = tarfile.TarInfo(key + ext)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        tmp.replace(path)
+                for ext, blob in members:
+                    info = tarfile.TarInfo(f"{n:09d}{ext}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
         written.append(path)
+    if not written:
+        raise DataError(f"{folder}: none of its {len(ds)} images can be packed (see the warnings above)")
+    classes = out / "classes.txt"
+    if ds.class_names:
+        write_text(classes, "".join(f"{name}\n" for name in ds.class_names))
+    else:
+        classes.unlink(missing_ok=True)
+    for stale in out.glob("shard-*.tar"):
+        if re.fullmatch(r"shard-\d{6}\.tar", stale.name) and stale not in written:
+            stale.unlink()
     return written

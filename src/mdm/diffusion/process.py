@@ -15,7 +15,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from mdm.config import DiffusionConfig, mixed_fractions
+from mdm.config import DiffusionConfig, mixed_fractions, mixed_rows
 from mdm.diffusion.schedule import level_gammas
 from mdm.models.conditioning import Conditioning
 
@@ -152,7 +152,7 @@ class MultiLevelDiffusion:
         zs = [q_sample(lv, g, n) for lv, g, n in zip(levels, gam, noise, strict=True)]
 
         fractions = mixed_fractions(cfg.mixed_ratio) if cfg.mixed_ratio else [1.0] * self.num_levels
-        rows = [int(f * batch) for f in fractions]
+        rows = mixed_rows(cfg.mixed_ratio, batch, self.num_levels)
         preds = model([z[:r] for z, r in zip(zs, rows, strict=True)], t, cond)
         weights = cfg.level_weights or [1.0] * self.num_levels
         level_mse, total = [], torch.zeros(batch, device=x.device, dtype=torch.float32)

@@ -1,5 +1,5 @@
 """Noise schedules gamma[0..T] (signal variance, alpha-bar) with gamma[0] = 1, the per-level SNR shift, and the
-sampler's timestep grid.
+sampler's timestep grids (spacings).
 
 Schedule index t in 0..T has noise level gamma[t]; the network is fed t - 1 (ml-mdm's convention).
 """
@@ -85,10 +85,51 @@ def level_gammas(cfg: DiffusionConfig, scales: list[float], dtype: torch.dtype =
     return torch.stack([shift_gamma(gamma, s, cfg.shift_power) for s in scales])
 
 
-def timestep_grid(num_steps: int, T: int = 1000) -> torch.Tensor:
-    """Sampler grid round(k (T+1)/(N+1)) for k = N..0 (half to even, as numpy), descending to 0."""
+SPACINGS = ("mlmdm", "trailing", "logsnr", "karras")
+
+
+def _check_steps(num_steps: int, T: int) -> None:
+    """Reject step counts outside 1..T."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_steps}")
+
+
+def timestep_grid(num_steps: int, T: int = 1000) -> torch.Tensor:
+    """Sampler grid round(k (T+1)/(N+1)) for k = N..0 (half to even, as numpy), descending to 0."""
+    _check_steps(num_steps, T)
     ratio = (T + 1) / (num_steps + 1)
     grid = torch.round(torch.arange(num_steps + 1, dtype=_F64) * ratio).long()
     return grid.flip(0)
+
+
+def half_logsnr(gamma: torch.Tensor) -> torch.Tensor:
+    """lambda = ln(alpha / sigma) = (ln gamma - ln(1 - gamma)) / 2 in float64 (+inf where gamma = 1)."""
+    g = gamma.double()
+    return (g.log() - torch.log1p(-g)) / 2
+
+
+def sampling_timesteps(spacing: str, num_steps: int, gamma: torch.Tensor, rho: float = 7.0) -> torch.Tensor:
+    """Descending schedule indices from high noise down to 0 for `num_steps` steps over the base schedule `gamma`
+    (T + 1,): mlmdm = `timestep_grid` (the reference), trailing = round(k T/N) from T, logsnr = uniform in lambda,
+    karras = sigma_K = sigma/alpha spaced with rho (Karras et al. 2022, eq. 5).
+
+    logsnr and karras points go to the index nearest in lambda; indices they share are kept once, so those grids can
+    have fewer than `num_steps` steps.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
+    T = gamma.numel() - 1
+    if spacing == "mlmdm":
+        return timestep_grid(num_steps, T)
+    _check_steps(num_steps, T)
+    if spacing == "trailing":
+        return torch.round(torch.arange(num_steps, -1, -1, dtype=_F64) * (T / num_steps)).long()
+    lam = half_logsnr(gamma[1:])
+    ramp = torch.linspace(0, 1, num_steps, dtype=_F64)
+    if spacing == "logsnr":
+        target = lam[-1] + ramp * (lam[0] - lam[-1])
+    else:
+        hi, lo = torch.exp(-lam[-1]) ** (1 / rho), torch.exp(-lam[0]) ** (1 / rho)
+        target = -rho * torch.log(hi + ramp * (lo - hi))
+    index = (lam[None, :] - target[:, None]).abs().argmin(1) + 1
+    return torch.cat([index.unique().flip(0), index.new_zeros(1)])

@@ -9,48 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from mdm.distributed import gather_rows, rank_world, reduce_to_cpu
 from mdm.eval.features import FeatureExtractor
 from mdm.eval.frechet import Statistics
-from mdm.train.distributed import all_reduce
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _comm_device() -> torch.device:
-    """Where collective tensors must live: the current CUDA device under nccl, else the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def reduce_to_cpu(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) over ranks, returned on the CPU."""
-    return all_reduce(t.to(_comm_device()), op).cpu()
-
-
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (counts may differ) concatenated in rank order, on the CPU; `x` itself when alone."""
-    _, world = rank_world()
-    if world == 1:
-        return x
-    device = _comm_device()
-    count = torch.tensor([x.shape[0]], device=device)
-    counts = [torch.empty_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]), device=device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu()
 
 
 def rank_batches(total: int, batch_size: int, desc: str = "", progress: bool = True) -> Iterator[range]:
@@ -117,7 +80,7 @@ class FeatureAccumulator:
             raise RuntimeError("features were not kept (keep_features=False); KID needs them")
         dim = self._dim()
         local = torch.cat(self._kept) if self._kept else torch.zeros(0, dim)
-        return _gather_rows(local)
+        return gather_rows(local)
 
 
 class RunningMean:

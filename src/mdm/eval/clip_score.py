@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mdm.eval.features import as_rgb, to_pixels
+from mdm.eval.features import as_rgb
+from mdm.io import to_pixels
 
 if TYPE_CHECKING:
     from transformers import CLIPModel

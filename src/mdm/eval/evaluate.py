@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mdm import io
 from mdm.config import DataConfig, MDMConfig
 from mdm.data.check import is_image_folder
 from mdm.data.loader import build_dataset
 from mdm.data.shapes import ShapesDataset
 from mdm.diffusion.process import Pyramid
-from mdm.eval.accumulate import FeatureAccumulator, RunningMean, rank_batches, rank_world, reduce_to_cpu
+from mdm.distributed import barrier, rank_world, reduce_to_cpu
+from mdm.eval.accumulate import FeatureAccumulator, RunningMean, rank_batches
 from mdm.eval.clip_score import load_clip
 from mdm.eval.features import INCEPTION_ENV, FeatureExtractor, InceptionFeatures, load_inception
 from mdm.eval.frechet import Statistics, frechet_distance
@@ -36,7 +38,6 @@ from mdm.eval.oracle import (
     render,
 )
 from mdm.pipeline import MDMPipeline
-from mdm.train.distributed import barrier
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,7 @@ class EvalReport:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON (to a temporary name, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return io.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def table(self) -> str:
         """The per-level table, then the CLIP score, the oracle scores and the notes."""

@@ -7,7 +7,6 @@ k-diffusion). It takes RGB pixel values 0..255 (NCHW, any size: it resizes to 29
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from functools import cached_property
@@ -16,6 +15,9 @@ from typing import Protocol
 
 import torch
 
+from mdm import io
+from mdm.io import to_pixels
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_ENV = "MDM_INCEPTION_PATH"
@@ -23,11 +25,6 @@ WHERE_TO_GET = (
     f"download {INCEPTION_URL} (about 96 MB, sha256 {INCEPTION_SHA256}) "
     f"and pass it with --inception PATH or set {INCEPTION_ENV}"
 )
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> float pixel values p = round((x + 1) * 127.5) in 0..255: the data loader's inverse, 8-bit."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255)
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -60,11 +57,7 @@ class InceptionFeatures:
     @cached_property
     def sha256(self) -> str:
         """The file's sha256, to record which network produced a result."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return io.sha256(self.path)
 
     @property
     def is_standard(self) -> bool:

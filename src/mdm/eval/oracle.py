@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mdm import io
 from mdm.data.shapes import ShapesDataset
 from mdm.eval.accumulate import FeatureAccumulator, RunningMean
 from mdm.eval.frechet import frechet_distance
@@ -110,13 +111,10 @@ class Oracle(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file with the settings and held-out accuracy as metadata (temporary name, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "spec": json.dumps(asdict(self.spec)), "accuracy": json.dumps(self.accuracy)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        with io.atomic_file(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Oracle:

@@ -8,7 +8,6 @@ the YAML's top level (`mixed_ratio`, `multi_res_weights`, sampler flags) are imp
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from itertools import pairwise
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from mdm import io
 from mdm.config import ConfigError, DiffusionConfig, MDMConfig, ModelConfig, TextConfig, UNetConfig
 from mdm.interop.safe_load import load_state_dict
 from mdm.models.unet import NestedUNet
@@ -400,19 +400,7 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
         log.warning("%s: dropping %d tensor(s) ml-mdm never uses: %s", source, len(extra), ", ".join(extra[:5]))
         sd = {k: v for k, v in sd.items() if k not in extra}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(sd) & set(expected)
-        if sd[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        lines = [f"{source}: checkpoint does not match the config"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise MlmdmError("\n".join(lines))
+    io.check_keys(expected, sd, f"{source}: checkpoint does not match the config", limit=None, error=MlmdmError)
     out = {}
     for k, v in sd.items():
         if not v.is_floating_point():
@@ -421,15 +409,6 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
             raise MlmdmError(f"{source}: {k} holds non-finite values")
         out[k] = v.to(expected[k].dtype)
     return out
-
-
-def sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (recorded as the converted model's provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _encoder_path(text_encoder: Any) -> str | None:
@@ -471,7 +450,7 @@ def load(
     unet = unet.to(dtype).eval()
     provenance = {
         "source": Path(checkpoint).name,
-        "sha256": sha256(checkpoint),
+        "sha256": io.sha256(checkpoint),
         **{k: str(v) for k, v in meta.items()},
     }
     return MDMPipeline(

@@ -85,9 +85,8 @@ class Attention2D(nn.Module):
         self.fp32_islands = fp32_softmax
         self.norm = nn.GroupNorm(32, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        if context_dim > 0:
-            self.norm_cond = nn.LayerNorm(context_dim)
-            self.kv_cond = nn.Linear(context_dim, 2 * channels)
+        self.norm_cond = nn.LayerNorm(context_dim) if context_dim > 0 else None  # cross-attention (optional)
+        self.kv_cond = nn.Linear(context_dim, 2 * channels) if context_dim > 0 else None
         self.proj_out = zero_(nn.Conv2d(channels, channels, 1))
         self.ffn = (
             nn.Sequential(
@@ -107,7 +106,7 @@ class Attention2D(nn.Module):
             for t in self.qkv(self.norm(x)).flatten(2).chunk(3, dim=1)
         )
         out = attention(q, k, v, None, self.fp32_islands)
-        if hasattr(self, "kv_cond"):
+        if self.kv_cond is not None:
             if context is None:
                 raise ValueError("this network has cross-attention: a conditioning context is required")
             kc, vc = (

@@ -7,13 +7,23 @@ inner predictions unchanged. Module names follow ml-mdm, so its state dicts load
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mdm.config import ModelConfig, UNetConfig
-from mdm.models.blocks import LevelBlock, TextBlock, sinusoidal_embedding, timestep_frequencies, zero_
+from mdm.models.blocks import (
+    Attention1D,
+    Attention2D,
+    LevelBlock,
+    TextBlock,
+    sinusoidal_embedding,
+    timestep_frequencies,
+    zero_,
+)
 from mdm.models.conditioning import Conditioning
 
 
@@ -34,7 +44,7 @@ class NestedUNet(nn.Module):
         self.innermost = level.inner is None
         islands = config.fp32_islands
         ctx = config.context_dim()
-        temb = level.temb_dim if level.temb_dim is not None else 4 * level.channels[0]
+        temb = level.time_width()
         self.temb_dim = temb
         groups, drop = level.num_groups, level.dropout
 
@@ -47,13 +57,14 @@ class NestedUNet(nn.Module):
                     for name in level.micro_conditioning
                 }
             )
-        if self.innermost and ctx > 0:
-            self.cond_emb = nn.Linear(ctx, temb, bias=False)
-            if config.text_dim > 0 and level.text_proj_dim > 0:
-                self.lm_proj = nn.Linear(config.text_dim, level.text_proj_dim)
-            if config.num_classes > 0:
-                self.class_emb = nn.Embedding(config.num_classes + 1, ctx)
-            self.lm_head = nn.ModuleList(TextBlock(ctx, 8, islands) for _ in range(level.num_lm_head_layers))
+        conditioned = self.innermost and ctx > 0  # the condition enters at the innermost level only
+        self.cond_emb = nn.Linear(ctx, temb, bias=False) if conditioned else None
+        projected = conditioned and config.text_dim > 0 and level.text_proj_dim > 0
+        self.lm_proj = nn.Linear(config.text_dim, level.text_proj_dim) if projected else None
+        classes = conditioned and config.num_classes > 0
+        self.class_emb = nn.Embedding(config.num_classes + 1, ctx) if classes else None  # + the null class
+        heads = level.num_lm_head_layers if conditioned else 0
+        self.lm_head = nn.ModuleList(TextBlock(ctx, 8, islands) for _ in range(heads))
 
         ch = level.channels
         n = len(ch)
@@ -72,26 +83,18 @@ class NestedUNet(nn.Module):
             down.append(self._block(widths, i, ctx, "down" if i != n - 1 else None))
         self.down_blocks = nn.ModuleList(down)
 
-        if self.innermost:
-            if level.mid_blocks is not False:
-                self.mid_blocks = nn.ModuleList(
-                    [
-                        LevelBlock(
-                            [(c, c)],
-                            temb,
-                            groups,
-                            drop,
-                            1,
-                            level.num_heads,
-                            ctx,
-                            level.attention_ffn,
-                            None,
-                            islands,
-                        ),
-                        LevelBlock([(c, c)], temb, groups, drop, 0, level.num_heads, 0, False, None, islands),
-                    ]
-                )
-        else:
+        self.mid_blocks = None  # innermost bottleneck: ResNet + attention, then ResNet (optional)
+        if self.innermost and level.mid_blocks is not False:
+            mid = dict(
+                widths=[(c, c)], temb_dim=temb, groups=groups, dropout=drop, heads=level.num_heads, resample=None
+            )
+            self.mid_blocks = nn.ModuleList(
+                [
+                    LevelBlock(**mid, attn_layers=1, context_dim=ctx, ffn=level.attention_ffn, fp32_islands=islands),
+                    LevelBlock(**mid, attn_layers=0, context_dim=0, ffn=False, fp32_islands=islands),
+                ]
+            )
+        if not self.innermost:
             self.inner_unet = NestedUNet(config, level.inner, nested=True)
             inner_c0 = level.inner.channels[0]
             self.in_adapter = zero_(nn.Conv2d(c, inner_c0, 3, padding=1))
@@ -112,16 +115,16 @@ class NestedUNet(nn.Module):
         lv = self.level
         attn = lv.num_attention_layers[stage] if stage in lv.attention_levels else 0
         return LevelBlock(
-            widths,
-            self.temb_dim,
-            lv.num_groups,
-            lv.dropout,
-            attn,
-            lv.num_heads,
-            ctx,
-            lv.attention_ffn,
-            resample,
-            self.config.fp32_islands,
+            widths=widths,  # (in, out) channels of each ResNet
+            temb_dim=self.temb_dim,  # time-embedding width
+            groups=lv.num_groups,  # GroupNorm groups
+            dropout=lv.dropout,  # dropout inside the ResNets
+            attn_layers=attn,  # attention layers after each ResNet
+            heads=lv.num_heads,  # attention heads
+            context_dim=ctx,  # cross-attention width (0 = none)
+            ffn=lv.attention_ffn,  # feed-forward after each attention
+            resample=resample,  # "down", "up" or None
+            fp32_islands=self.config.fp32_islands,  # float32 x2 upsampling and softmax
         )
 
     # ------------------------------------------------------------------------------------------------------
@@ -139,9 +142,10 @@ class NestedUNet(nn.Module):
 
     def set_fp32_islands(self, enabled: bool) -> None:
         """Switch ml-mdm's float32 islands (time frequencies, softmax, upsampling) on or off everywhere."""
-        self.config.fp32_islands = enabled
         for module in self.modules():
-            if hasattr(module, "fp32_islands"):
+            if isinstance(module, NestedUNet):
+                module.config = dataclasses.replace(module.config, fp32_islands=enabled)
+            elif isinstance(module, (Attention1D, Attention2D, LevelBlock)):
                 module.fp32_islands = enabled
 
     def _sinusoid_mlp(self, values: torch.Tensor, l1: nn.Linear, l2: nn.Linear) -> torch.Tensor:
@@ -163,7 +167,7 @@ class NestedUNet(nn.Module):
         self, cond: Conditioning | None, batch: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Innermost only: (pooled embedding, context tokens, cross-attention mask or None)."""
-        if not hasattr(self, "cond_emb"):
+        if self.cond_emb is None:
             if cond is not None and cond.batch_size is not None:
                 raise ValueError("this model is unconditional: it takes no labels or text")
             return None, None, None
@@ -173,7 +177,7 @@ class NestedUNet(nn.Module):
             raise ValueError(f"condition batch {cond.batch_size} does not match the input batch {batch}")
         dtype = self.cond_emb.weight.dtype
         if cond.labels is not None:
-            if not hasattr(self, "class_emb"):
+            if self.class_emb is None:
                 raise ValueError("this model takes text, not class labels (model.num_classes = 0)")
             n = self.config.num_classes
             if cond.labels.min() < 0 or cond.labels.max() > n:
@@ -186,7 +190,7 @@ class NestedUNet(nn.Module):
             if cond.text.shape[-1] != self.config.text_dim:
                 raise ValueError(f"text features must be {self.config.text_dim} wide, got {cond.text.shape[-1]}")
             tokens = cond.text.to(dtype)
-            if hasattr(self, "lm_proj"):
+            if self.lm_proj is not None:
                 tokens = self.lm_proj(tokens)
             mask = cond.text_mask
         masked = self.level.masked_cross_attention
@@ -234,9 +238,8 @@ class NestedUNet(nn.Module):
             skips.extend(acts)
         if self.innermost:
             lower: list[torch.Tensor] = []
-            if hasattr(self, "mid_blocks"):
-                for block in self.mid_blocks:
-                    x, _ = self._run(block, x, temb_h, ctx_h, mask_h)
+            for block in self.mid_blocks or []:
+                x, _ = self._run(block, x, temb_h, ctx_h, mask_h)
         else:
             a = self.in_adapter(x)
             bl = zs[1].shape[0]

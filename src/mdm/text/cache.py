@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mdm.text.encoders import TextEncoder
+from mdm import io
+from mdm.text.base import TextEncoder, pad_features
 
 log = logging.getLogger(__name__)
 FORMAT = "mdm-text-cache/1"
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def caption_key(caption: str) -> bytes:
@@ -42,33 +42,25 @@ def write_cache(
     progress: bool = True,
 ) -> Path:
     """Encode every distinct caption (and '') into a cache directory at `path` (replaced atomically)."""
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"cache dtype: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    store = io.dtype(dtype, STORE_DTYPES, "cache dtype")
     unique = list(dict.fromkeys(["", *captions]))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     meta = {"format": FORMAT, "encoder": encoder.name, "dim": str(encoder.dim)}
     bar = tqdm(total=len(unique), desc="encode captions", disable=not progress)
-    for part, first in enumerate(range(0, len(unique), part_size)):
-        chunk = unique[first : first + part_size]
-        feats, offsets = [], [0]
-        for i in range(0, len(chunk), batch_size):
-            emb, mask = encoder.encode(chunk[i : i + batch_size])
-            for row, n in zip(emb, mask.sum(1).long().tolist(), strict=True):
-                feats.append(row[:n].to("cpu", STORE_DTYPES[dtype]))
-                offsets.append(offsets[-1] + n)
-            bar.update(min(batch_size, len(chunk) - i))
-        keys = torch.frombuffer(bytearray(b"".join(caption_key(c) for c in chunk)), dtype=torch.uint8)
-        tensors = {"features": torch.cat(feats), "offsets": torch.tensor(offsets), "keys": keys.view(-1, 20)}
-        save_file(tensors, str(tmp / f"part-{part:05d}.safetensors"), metadata=meta)
+    with io.atomic_dir(path) as tmp:
+        for part, first in enumerate(range(0, len(unique), part_size)):
+            chunk = unique[first : first + part_size]
+            feats, offsets = [], [0]
+            for i in range(0, len(chunk), batch_size):
+                emb, mask = encoder.encode(chunk[i : i + batch_size])
+                for row, n in zip(emb, mask.sum(1).long().tolist(), strict=True):
+                    feats.append(row[:n].to("cpu", store))
+                    offsets.append(offsets[-1] + n)
+                bar.update(min(batch_size, len(chunk) - i))
+            keys = torch.frombuffer(bytearray(b"".join(caption_key(c) for c in chunk)), dtype=torch.uint8)
+            tensors = {"features": torch.cat(feats), "offsets": torch.tensor(offsets), "keys": keys.view(-1, 20)}
+            save_file(tensors, str(tmp / f"part-{part:05d}.safetensors"), metadata=meta)
     bar.close()
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
+    return Path(path)
 
 
 class EmbeddingCache:
@@ -137,12 +129,7 @@ class CachedEncoder:
             emb, mask = self._encoder.encode([prompts[i] for i in missing])
             for i, row, n in zip(missing, emb, mask.sum(1).long().tolist(), strict=True):
                 rows[i] = row[:n].float().cpu()
-        length = max(r.shape[0] for r in rows)
-        feats = torch.zeros(len(rows), length, self.dim)
-        mask = torch.zeros(len(rows), length)
-        for i, r in enumerate(rows):
-            feats[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
+        feats, mask = pad_features([r.float() for r in rows])
         return feats.to(self.device), mask.to(self.device)
 
     def to(self, device: str | torch.device) -> CachedEncoder:

@@ -7,8 +7,7 @@
 * `TransformersEncoder`: a frozen T5 encoder (FLAN-T5 XL for the released models) or CLIP text model from
   a local directory or a hub id, in float32 or bfloat16.
 
-Features at padded positions are zero and the mask is 1 on the tokens, 0 on the padding (ml-mdm's
-convention); batches are padded to their longest prompt.
+Padding and the interface live in `mdm.text.base`.
 """
 
 from __future__ import annotations
@@ -16,35 +15,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from mdm import io
 from mdm.config import TextConfig
+from mdm.text.base import TextEncoder, lengths_mask, pad_ids
+from mdm.text.cache import CachedEncoder
 from mdm.text.tokenizer import PAD_ID, UnigramTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@runtime_checkable
-class TextEncoder(Protocol):
-    """Turns prompts into features and a mask; `name` identifies the features (for caches), `dim` their width."""
-
-    name: str
-    dim: int
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows padded to the longest: (ids (B, S) long, mask (B, S) float)."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), length)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 class ByteEncoder:
@@ -74,11 +52,10 @@ class ByteEncoder:
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Byte patches and positions (B, S, dim), zero on the padding; mask (B, S)."""
         rows = [self.tokens(p) for p in prompts]
-        length = max(len(r) for r in rows)
+        mask = lengths_mask([len(r) for r in rows])
+        length = mask.shape[1]
         feats = torch.zeros(len(rows), length, self.dim)
-        mask = torch.zeros(len(rows), length)
         for i, row in enumerate(rows):
-            mask[i, : len(row)] = 1
             for j, token in enumerate(row):
                 feats[i, j, [256 * k + b for k, b in enumerate(token)]] = 1
         half = self.position_dim // 2
@@ -138,13 +115,12 @@ class TransformersEncoder:
         tf = _require_transformers()
         if kind not in ("t5", "clip"):
             raise ValueError(f"text.encoder: expected 't5' or 'clip', got {kind!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"text.dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        torch_dtype = io.dtype(dtype, ("float32", "bfloat16"), "text.dtype")
         self.kind, self.path, self.max_length, self.max_chars = kind, path, max_length, max_chars
         self.name = _transformers_name(kind, path, vocab, max_length, max_chars)
         model_cls = tf.T5EncoderModel if kind == "t5" else tf.CLIPTextModel
         what = "T5 encoder" if kind == "t5" else "CLIP text model"
-        self.model = _pretrained(model_cls, path, what, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.model = _pretrained(model_cls, path, what, dtype=torch_dtype).eval().requires_grad_(False)
         vocab = resolve_vocab(kind, path, vocab)
         if vocab is not None:
             if kind != "t5":
@@ -168,7 +144,7 @@ class TransformersEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, S, D) float32, zero on the padding, and the mask (B, S)."""
-        ids, mask = pad_batch([self.tokens(p) for p in prompts], self.pad_id)
+        ids, mask = pad_ids([self.tokens(p) for p in prompts], self.pad_id)
         device = self.model.device
         ids, mask = ids.to(device), mask.to(device)
         out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -189,8 +165,6 @@ def load_text_encoder(config: TextConfig, device: str | torch.device | None = No
     if config.encoder is None:
         return None
     if config.cache is not None:
-        from mdm.text.cache import CachedEncoder
-
         encoder: TextEncoder = CachedEncoder(config.cache, encoder_name(config), lambda: build_encoder(config))
     else:
         encoder = build_encoder(config)

@@ -9,14 +9,17 @@ checkpoint complete and `latest` pointing at it. Weights that are not finite are
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from mdm import io
+from mdm.io import ModelFileError
 
 LATEST = "latest"
 
@@ -30,6 +33,37 @@ class NonFiniteWeightsError(RuntimeError):
 
 
 @dataclass
+class RunState:
+    """The run's counters: exactly what `state.json` stores, with the weights, optimizer and RNG beside it."""
+
+    step: int = 0  # optimizer steps taken (over all phases)
+    phase: int = 0  # index of the phase the step is in
+    position: int = 0  # data-stream position of the next sample
+    ema_updates: int = 0  # EMA updates in this phase (its warm-up)
+    nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient
+    streak: int = 0  # ... of them in a row, up to now
+    bad_samples: int = 0  # unusable samples skipped
+    levels: list[int] = field(default_factory=list)  # the phase model's level sizes
+    carried_levels: int = 0  # levels whose weights came from before this phase
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> RunState:
+        """Parse `state.json`; anything missing or mistyped names the file."""
+        try:
+            data = json.loads(text)
+            names = {f.name for f in dataclasses.fields(cls)}
+            missing = sorted(names - set(data))
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            state = cls(**{k: data[k] for k in names})
+            if not all(isinstance(getattr(state, k), int) for k in names - {"levels"}):
+                raise ValueError("counters must be integers")
+            return state
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{source}: not a valid run state ({e})") from None
+
+
+@dataclass
 class Checkpoint:
     """Everything a resumed run restores."""
 
@@ -38,13 +72,7 @@ class Checkpoint:
     ema: dict[str, torch.Tensor]
     optimizer: dict
     rng: dict
-    state: dict
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    state: RunState
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -70,12 +98,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save(
     run_dir: str | Path,
-    step: int,
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
     optimizer: dict,
     rng: dict,
-    state: dict,
+    state: RunState,
     keep: int,
 ) -> Path:
     """Write `checkpoints/step_<step>` atomically, point `latest` at it, delete all but the newest `keep`."""
@@ -83,32 +110,27 @@ def save(
     _check_finite(ema, "the EMA model")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
+    for stale in root.glob(".step_*-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    name = f"step_{step:07d}"
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model.items()}, tmp / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    final = root / name
-    if final.exists():
-        aside = root / f".{name}.old-{os.getpid()}"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        _write_atomic_text(root / LATEST, name + "\n")
-        shutil.rmtree(aside)
-    else:
-        os.replace(tmp, final)
-        _write_atomic_text(root / LATEST, name + "\n")
+    name = f"step_{state.step:07d}"
+    with io.atomic_dir(root / name) as tmp:
+        save_file({k: v.contiguous() for k, v in model.items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
+    io.write_text(root / LATEST, name + "\n")
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     abandoned = [p for p in steps if p.name > name]
     kept = [p for p in steps if p.name <= name]
     for old in abandoned + kept[:-keep]:
         shutil.rmtree(old)
-    return final
+    return root / name
+
+
+def newer(path: Path) -> list[Path]:
+    """Checkpoints of the same run newer than `path` (resuming from `path` replaces them at its next save)."""
+    return sorted(p for p in path.parent.glob("step_*") if p.is_dir() and p.name > path.name)
 
 
 def resolve(run_dir: str | Path, which: str = LATEST) -> Path:
@@ -127,14 +149,30 @@ def resolve(run_dir: str | Path, which: str = LATEST) -> Path:
     return path
 
 
+def _torch_file(path: Path) -> dict:
+    """A checkpoint's optimizer or RNG file: plain tensors and containers only (no arbitrary unpickling)."""
+    try:
+        data = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: missing") from None
+    except Exception as e:  # torch.load raises many types for a truncated, tampered or foreign file
+        raise ModelFileError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
 def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save` (no arbitrary unpickling)."""
+    """Read a checkpoint directory written by :func:`save`; a broken file is a ModelFileError naming it."""
     path = Path(path)
-    return Checkpoint(
-        path=path,
-        model=load_file(path / "model.safetensors"),
-        ema=load_file(path / "ema.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        rng=torch.load(path / "rng.pt", weights_only=True),
-        state=json.loads((path / "state.json").read_text()),
-    )
+    try:
+        return Checkpoint(
+            path=path,
+            model=io.read_safetensors(path / "model.safetensors")[0],
+            ema=io.read_safetensors(path / "ema.safetensors")[0],
+            optimizer=_torch_file(path / "optimizer.pt"),
+            rng=_torch_file(path / "rng.pt"),
+            state=RunState.from_json((path / "state.json").read_text(), path / "state.json"),
+        )
+    except ModelFileError as e:
+        raise ModelFileError(f"{e}; resume from an older checkpoint with --resume {path.parent}/step_NNNNNNN") from None

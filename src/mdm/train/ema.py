@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mdm.train.distributed import full_tensor
+from mdm import io
+from mdm.distributed import full_tensor
 
 
 class EMA:
@@ -43,15 +45,10 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         """Restore shadows from whole tensors (each rank keeps its own shard under FSDP)."""
-        missing = sorted(set(self.names) - set(state))
-        unexpected = sorted(set(state) - set(self.names))
-        if missing or unexpected:
-            raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {unexpected}")
+        io.check_keys(dict(zip(self.names, self.shadow, strict=True)), state, "EMA state", shapes=False)
         for name, s in zip(self.names, self.shadow, strict=True):
             value = state[name]
-            if hasattr(s, "placements"):
-                from torch.distributed.tensor import distribute_tensor
-
+            if isinstance(s, DTensor):
                 value = distribute_tensor(value.to(s.device_mesh.device_type), s.device_mesh, s.placements)
             s.copy_(value)
         self.updates = updates

@@ -1,4 +1,5 @@
-"""Process-group set-up under `torchrun`, DDP / FSDP2 wrapping and full (gathered) state dicts.
+"""Process-group set-up under `torchrun`, rank helpers and collectives, DDP / FSDP2 wrapping and full (gathered)
+state dicts; training and evaluation both use it.
 
 One process per device. Without `WORLD_SIZE` in the environment (or with 1) everything here is a no-op, so
 single-process training runs the same code. Backends: nccl on CUDA, gloo on CPU.
@@ -19,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -45,7 +48,14 @@ def setup(device: str | None = None) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA device (use --device cpu)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -55,6 +65,42 @@ def setup(device: str | None = None) -> DistEnv:
             backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
         )
     return DistEnv(rank, world, local_rank, dev)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the current CUDA device under nccl, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_to_cpu(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) over ranks, returned on the CPU."""
+    return all_reduce(t.to(_comm_device()), op).cpu()
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (counts may differ) concatenated in rank order, on the CPU; `x` itself when alone."""
+    _, world = rank_world()
+    if world == 1:
+        return x
+    device = _comm_device()
+    count = torch.tensor([x.shape[0]], device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]), device=device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu()
 
 
 def cleanup() -> None:
@@ -97,8 +143,6 @@ def wrap(net: nn.Module, env: DistEnv, strategy: str, blocks: list[nn.Module]) -
     if env.world == 1:
         return net
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for block in blocks:
             fully_shard(block)
         return fully_shard(net)
@@ -108,7 +152,7 @@ def wrap(net: nn.Module, env: DistEnv, strategy: str, blocks: list[nn.Module]) -
 
 def no_sync(model: nn.Module, sync: bool) -> None:
     """Turn gradient synchronisation of the next backward on or off (accumulation micro-batches)."""
-    if hasattr(model, "set_requires_gradient_sync"):
+    if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
     elif isinstance(model, nn.parallel.DistributedDataParallel):
         model.require_backward_grad_sync = sync
@@ -130,10 +174,18 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of :func:`full_optimizer_state`."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """Inverse of :func:`full_optimizer_state`. Parameters without state (frozen when it was saved: AdamW keeps
+    none for them) start fresh, as they would have; state for parameters the model lacks is refused."""
+    names = {n for n, _ in model.named_parameters()}
+    unexpected = sorted(set(state.get("state", {})) - names)
+    if unexpected:
+        raise ValueError(f"optimizer state names parameters the model lacks: {unexpected[:8]}")
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, param in model.named_parameters():  # the loader initialises absent states: undo that
+        if name not in state.get("state", {}):
+            optimizer.state.pop(param, None)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter or its FSDP shard as the whole tensor (collective for sharded tensors)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
