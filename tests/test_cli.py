@@ -103,6 +103,26 @@ def test_train_stop_resume_then_sample_by_class_name(tmp_path, capsys):
     cmd = ["sample", "--model", f"{run}/final", "--labels", "green square", "0", "--steps", "2", "--quiet"]
     assert main([*cmd, "--out", str(samples)]) == 0
     assert sorted(p.name for p in samples.glob("*.png")) == ["000_green-square.png", "001_0.png"]
+    plain = tmp_path / "plain_out"
+    fast = ["--sampler", "dpmpp_2m", "--spacing", "trailing", "--plain", "--seed", "3", "--out", str(plain)]
+    assert main([*cmd, *fast]) == 0
+    assert "(2 network calls)" in capsys.readouterr().out
+    top = sorted((plain / "plain").glob("*.png"))
+    assert [p.name for p in top] == ["00000.png", "00001.png"]
+    assert [Image.open(p).size for p in sorted((plain / "level_16").glob("*.png"))] == [(16, 16)] * 2
+    pipe = MDMPipeline.from_pretrained(f"{run}/final")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        class_labels=["green square", 0],
+        num_inference_steps=2,
+        sampler="dpmpp_2m",
+        spacing="trailing",
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    )
+    assert np.array_equal(np.asarray(Image.open(top[1])), out.images[1]), "plain PNGs are the pipeline's pixels"
+    assert np.array_equal(np.asarray(Image.open(plain / "level_16" / "00000.png")), out.levels[1][0])
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):

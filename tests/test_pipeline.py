@@ -100,3 +100,60 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing config\.yaml"):
         MDMPipeline.from_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "nfe"), [("ddim", 5, 5), ("dpmpp_2m", 5, 5), ("unipc", 4, 4), ("heun", 4, 7)]
+)
+def test_samplers_report_their_network_calls(sampler, steps, nfe):
+    pipe = class_pipe()
+    kw = dict(class_labels=[0, 1], num_inference_steps=steps, sampler=sampler, output_type="pt")
+    guided = pipe(**kw, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    plain = pipe(**kw, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert guided.nfe == plain.nfe == nfe, "a guided call runs both branches in one batch: one call"
+    assert not torch.equal(guided.images, plain.images)
+    assert guided.images.shape == (2, 3, 16, 16) and guided.images.abs().max() <= 1
+
+
+def test_spacings_and_guidance_interval():
+    pipe = class_pipe()
+    kw = dict(class_labels=[2], num_inference_steps=6, output_type="pt")
+    grids = {s: pipe.timesteps(6, s).tolist() for s in ("mlmdm", "trailing", "logsnr", "karras")}
+    assert grids["mlmdm"] == [858, 715, 572, 429, 286, 143, 0] and grids["trailing"][0] == 1000
+    assert all(g == sorted(g, reverse=True) and g[-1] == 0 for g in grids.values())
+    outs = {s: pipe(**kw, spacing=s, generator=torch.Generator().manual_seed(0)).images for s in grids}
+    assert not torch.equal(outs["mlmdm"], outs["trailing"])
+    unguided = pipe(**kw, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    never = pipe(**kw, guidance_scale=5.0, guidance_interval=(50.0, 60.0), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(never.images, unguided.images), "outside its interval guidance is off"
+    always = pipe(**kw, guidance_scale=5.0, guidance_interval=(-50.0, 50.0), generator=torch.Generator().manual_seed(0))
+    full = pipe(**kw, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(always.images, full.images)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(sampler="dpm++"), "dpmpp_2m"),
+        (dict(spacing="uniform"), "karras"),
+        (dict(guidance_scale=-1.0), "guidance scales must be finite and >= 0"),
+        (dict(guidance_scale=float("nan")), "guidance scales must be finite and >= 0"),
+        (dict(sampler="dpmpp_2m", eta=0.5), "eta"),
+    ],
+)
+def test_bad_sampling_settings_are_rejected(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        class_pipe()(class_labels=[0], num_inference_steps=2, **kwargs)
+
+
+def test_the_model_directory_carries_a_default_sampler(tmp_path):
+    pipe = class_pipe()
+    pipe.config.diffusion.sampler, pipe.config.diffusion.spacing = "unipc", "trailing"
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = MDMPipeline.from_pretrained(tmp_path / "m")
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[1], num_inference_steps=3, output_type="pt")
+    default = loaded(**kw, generator=torch.Generator().manual_seed(0))
+    explicit = loaded(**kw, sampler="unipc", spacing="trailing", generator=torch.Generator().manual_seed(0))
+    ddim = loaded(**kw, sampler="ddim", spacing="trailing", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(default.images, explicit.images) and not torch.equal(default.images, ddim.images)

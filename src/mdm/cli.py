@@ -12,7 +12,9 @@ import torch
 
 from mdm import io
 from mdm.config import ConfigError, MDMConfig, list_presets, load_config, load_preset
-from mdm.images import level_strip, sample_grid, save_png
+from mdm.diffusion.samplers import SAMPLERS
+from mdm.diffusion.schedule import SPACINGS
+from mdm.images import level_strip, sample_grid, save_png, to_pil
 from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
 
 DTYPES = ("float32", "float64", "bfloat16")  # the dtypes a model may be converted to or sampled in
@@ -50,6 +52,15 @@ def write_samples(levels: list[torch.Tensor], out: Path, prefix: str, titles: li
     return paths
 
 
+def write_plain(levels: list[torch.Tensor], out: Path) -> None:
+    """Unlabelled PNGs for external tools: the top level in `out/plain/`, every level in `out/level_<size>/`."""
+    for k, level in enumerate(levels):
+        folders = [out / "plain", out / f"level_{level.shape[-1]}"] if k == 0 else [out / f"level_{level.shape[-1]}"]
+        for i, image in enumerate(to_pil(level)):
+            for folder in folders:
+                save_png(image, folder / f"{i:05d}.png")
+
+
 def _slug(text: str, limit: int = 60) -> str:
     """A file-name-safe short form of a prompt."""
     return "".join(c if c.isalnum() else "-" for c in text[:limit]).strip("-") or "empty"
@@ -83,13 +94,17 @@ def _sample(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         sampler=args.sampler,
+        spacing=args.spacing,
+        guidance_interval=args.guidance_interval,
         eta=args.eta,
         thresholding=args.thresholding,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     )
     paths = write_samples(out.levels, Path(args.out), "", [_slug(t) for t in out.titles])
-    print(f"wrote {len(paths)} PNG(s) to {args.out}")
+    if args.plain:
+        write_plain(out.levels, Path(args.out))
+    print(f"wrote {len(paths)} PNG(s) to {args.out} ({out.nfe} network calls)")
     return 0
 
 
@@ -235,6 +250,8 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             steps=args.steps,
             guidance=args.guidance,
+            sampler=args.sampler,
+            spacing=args.spacing,
             seed=args.seed,
             save_reference=args.save_ref,
             device=env.device,
@@ -247,6 +264,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"results: {report.save(args.out)}")
         if args.save_ref:
             print(f"reference statistics: {args.save_ref}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mdm.app import serve
+
+    serve(args.model, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency)
     return 0
 
 
@@ -283,12 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=1, help="images per label / prompt")
     s.add_argument("--steps", type=int, default=50, help="inference steps")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the model's diffusion.sampler")
+    s.add_argument("--spacing", choices=list(SPACINGS), default=None, help="default: the model's diffusion.spacing")
+    s.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="guide only in this logSNR range",
+    )
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (>= 0)")
     s.add_argument("--thresholding", choices=["clip", "dynamic", "dynamic_if", "none"], default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
     s.add_argument("--out", default="samples", help="output folder")
+    s.add_argument("--plain", action="store_true", help="also write unlabelled images: top level, and level_<size>/")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_sample)
 
@@ -350,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     against.add_argument("--ref", help="reference statistics .npz (mu, sigma) of the top level, from --save-ref")
     ev.add_argument("--num", type=int, required=True, help="samples to generate (and data images to compare with)")
     ev.add_argument("--batch-size", type=int, default=50, help="samples per sampling call, per process")
-    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ev.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the model's diffusion.sampler")
+    ev.add_argument("--spacing", choices=list(SPACINGS), default=None, help="default: the model's diffusion.spacing")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
     ev.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
     ev.add_argument("--inception", default=None, help="TorchScript Inception .pt (default: $MDM_INCEPTION_PATH)")
@@ -361,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval.json", help="results JSON")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
+
+    sv = sub.add_parser("serve", help="a local web app: generate and inspect every level (needs the demo extra)")
+    sv.add_argument("--model", action="append", required=True, help="model directory (repeat to serve several)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--share", action="store_true", help="also open a public share link (off by default)")
+    sv.add_argument("--concurrency", type=int, default=1, help="generations run at once; others queue")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from mdm import io
 from mdm.conditions import Conditioner, Conditions, Labels
 from mdm.config import MDMConfig, load_config, save_config
+from mdm.diffusion.guidance import Guidance, guidance_on
 from mdm.diffusion.process import MultiLevelDiffusion, Pyramid
-from mdm.diffusion.samplers import StepCallback, sample
-from mdm.diffusion.schedule import timestep_grid
+from mdm.diffusion.samplers import SampleResult, StepCallback, run
+from mdm.diffusion.schedule import sampling_timesteps
 from mdm.images import to_pil
 from mdm.io import to_uint8
 from mdm.models.unet import NestedUNet
@@ -35,11 +36,12 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 @dataclass
 class MDMPipelineOutput:
     """`images`: top-level results; `levels`: one entry per level, highest first (PIL lists, arrays or tensors);
-    `titles`: what each sample was asked for (class, prompt, or 'sample i')."""
+    `titles`: what each sample was asked for (class, prompt, or 'sample i'); `nfe`: network calls made."""
 
     images: Any
     levels: list[Any]
     titles: list[str]
+    nfe: int  # network evaluations (a guided call of both branches counts once)
 
 
 def _resolve_dir(path: str | os.PathLike) -> Path:
@@ -165,32 +167,38 @@ class MDMPipeline:
             raise ValueError(f"latents must be {len(sizes)} tensors of shape (N, {channels}, s, s) for s in {sizes}")
         return [z.to(self.device, self.dtype) for z in latents]
 
+    def timesteps(self, num_inference_steps: int, spacing: str | None = None) -> torch.Tensor:
+        """The descending integer grid of `num_inference_steps` steps in `spacing` (default: the config's)."""
+        base = self.diffusion.gammas(torch.float64)[-1]
+        return sampling_timesteps(spacing or self.config.diffusion.spacing, num_inference_steps, base)
+
     def denoise(
         self,
         latents: Pyramid,
         conditions: Conditions,
-        num_inference_steps: int,
-        guidance_scale: float,
+        grid: torch.Tensor,
+        guidance: Guidance,
         sampler: str,
         eta: float,
         thresholding: str | None,
         generator: torch.Generator | None,
         callback: StepCallback | None,
-    ) -> Pyramid:
-        """Run the sampler over the reference grid from `latents` to images at every level."""
+    ) -> SampleResult:
+        """Run the sampler over `grid` from `latents` to images at every level, guided when `conditions` has an
+        unconditional branch."""
         dtype = self.dtype if self.dtype == torch.float64 else torch.float32
-        return sample(
+        return run(
             self.unet,
             latents,
             self.diffusion.gammas(dtype).to(self.device),
-            timestep_grid(num_inference_steps, self.diffusion.T),
+            grid,
             conditions.cond,
             conditions.uncond,
-            prediction_type=self.config.diffusion.prediction_type,
             sampler=sampler,
-            eta=eta,
-            guidance_scale=guidance_scale if conditions.uncond is not None else 1.0,
+            prediction_type=self.config.diffusion.prediction_type,
             thresholding=thresholding or self.config.diffusion.thresholding,
+            guidance=guidance if conditions.uncond is not None else 1.0,
+            eta=eta,
             generator=generator,
             progress=self.progress,
             callback=callback,
@@ -210,7 +218,10 @@ class MDMPipeline:
         batch_size: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        sampler: str = "ddim",
+        sampler: str | None = None,
+        spacing: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_level_scales: list[float] | None = None,
         eta: float = 0.0,
         thresholding: str | None = None,
         generator: torch.Generator | None = None,
@@ -223,11 +234,16 @@ class MDMPipeline:
         Text models take `prompt` (the first argument, as in diffusers) or `prompt_embeds`; class models take
         `class_labels` (indices or names). `batch_size` applies to unconditional models. `latents` are the
         starting noise per level (highest first); otherwise they are drawn from `generator` level by level.
-        `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]).
+        `sampler` and `spacing` default to the config's (`diffusion.sampler`, `diffusion.spacing`); guidance
+        applies `guidance_scale` (or one scale per level) within `guidance_interval` (base logSNR, lo..hi) only.
+        `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]). The output reports the network calls.
         """
-        # 1. Check the inputs that nothing below checks
+        # 1. Check the inputs that nothing below checks; settle the sampler, its grid and the guidance
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        sampler = sampler or self.config.diffusion.sampler
+        grid = self.timesteps(num_inference_steps, spacing)
+        guidance = Guidance(guidance_scale, guidance_level_scales, guidance_interval)
         # 2. Build every sample's condition, and the unconditional branch when guidance is on
         conditions = self.conditioner.build(
             class_labels=class_labels,
@@ -239,20 +255,18 @@ class MDMPipeline:
             negative_prompt_mask=negative_prompt_mask,
             per_prompt=num_images_per_prompt,
             batch_size=batch_size,
-            guided=guidance_scale != 1.0,
+            guided=guidance_on(guidance, self.config.model.context_dim() > 0),
         )
         # 3. Prepare the starting noise of every level
         latents = self.prepare_latents(conditions.batch_size, generator, latents)
         # 4. Denoise every level jointly
-        levels = self.denoise(
-            latents, conditions, num_inference_steps, guidance_scale, sampler, eta, thresholding, generator, callback
-        )
+        result = self.denoise(latents, conditions, grid, guidance, sampler, eta, thresholding, generator, callback)
         # 5. Convert to the requested output type
-        return _output([lv.clamp(-1, 1) for lv in levels], conditions.titles, output_type)
+        return _output([lv.clamp(-1, 1) for lv in result.levels], conditions.titles, result.nfe, output_type)
 
 
-def _output(levels: Pyramid, titles: list[str], output_type: str) -> MDMPipelineOutput:
+def _output(levels: Pyramid, titles: list[str], nfe: int, output_type: str) -> MDMPipelineOutput:
     """Every level as float tensors ("pt"), uint8 arrays ("np") or PIL images ("pil")."""
     convert = {"pt": lambda x: x, "np": to_uint8, "pil": to_pil}[output_type]
     converted = [convert(lv) for lv in levels]
-    return MDMPipelineOutput(images=converted[0], levels=converted, titles=titles)
+    return MDMPipelineOutput(images=converted[0], levels=converted, titles=titles, nfe=nfe)

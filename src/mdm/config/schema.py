@@ -116,6 +116,8 @@ class ModelConfig:
 Schedule = Literal["cosine", "linear", "logsnr_cosine", "sigmoid"]
 Prediction = Literal["v", "eps", "x0"]
 Threshold = Literal["clip", "dynamic", "dynamic_if", "none"]
+Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "unipc_3"]
+Spacing = Literal["mlmdm", "trailing", "logsnr", "karras"]
 
 
 @dataclass
@@ -152,6 +154,10 @@ class DiffusionConfig:
     )
     cond_drop_prob: float = field(default=0.1, metadata={"help": "condition dropout for classifier-free guidance"})
     thresholding: Threshold = field(default="clip", metadata={"help": "x0 thresholding while sampling"})
+    sampler: Sampler = field(default="ddim", metadata={"help": "default sampler (see mdm.diffusion.samplers)"})
+    spacing: Spacing = field(
+        default="mlmdm", metadata={"help": "default sampling grid: mlmdm, trailing, logsnr, karras"}
+    )
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Guidance:
     interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        scales = [self.scale, *(self.level_scales or ())]
+        if not all(math.isfinite(w) and w >= 0 for w in scales):
+            raise ValueError(f"guidance scales must be finite and >= 0, got {scales}")
         if self.level_scales is not None and not self.level_scales:
             raise ValueError("Guidance.level_scales must name one scale per level")
         if self.interval is not None and not self.interval[0] <= self.interval[1]:

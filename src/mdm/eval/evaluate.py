@@ -303,13 +303,16 @@ def evaluate_model(
     batch_size: int = 50,
     steps: int = 50,
     guidance: float | None = None,
+    sampler: str | None = None,
+    spacing: str | None = None,
     seed: int = 0,
     save_reference: str | os.PathLike | None = None,
     oracle_cache: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Generate `num` samples (DDIM, `steps` steps; every rank its share) and measure them (collective).
+    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, default the model's; every rank its share)
+    and measure them (collective).
 
     `data` ('shapes', an image folder or tar shards) gives per-level FID / KID against the data pooled to each level;
     `reference` (.npz statistics) gives the top level's FID. Inception: `inception`, else $MDM_INCEPTION_PATH; it may
@@ -350,6 +353,7 @@ def evaluate_model(
         requested = _requested_labels(config, conditions, source, real)
 
     evaluator = PyramidEvaluator(extractor, sizes, reference=ref, keep_features=ref is None)
+    nfe = 0
     scores = RunningMean()
     judged = OracleEvaluator(judge) if judge is not None else None
     shown = pipe.progress
@@ -366,8 +370,11 @@ def evaluate_model(
                 latents=sample_latents(batch, seed, sizes, m.in_channels),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
+                sampler=sampler,
+                spacing=spacing,
                 output_type="pt",
             )
+            nfe = out.nfe
             evaluator.add_generated(out.levels)
             if extractor is not None and batch.start < n_data and ref is None:
                 chosen = range(batch.start, min(batch.stop, n_data))
@@ -393,7 +400,9 @@ def evaluate_model(
         "num": num,
         "level_sizes": sizes,
         "steps": steps,
-        "sampler": "ddim",
+        "sampler": sampler or config.diffusion.sampler,
+        "spacing": spacing or config.diffusion.spacing,
+        "nfe": nfe,
         "guidance": guidance,
         "seed": seed,
         "batch_size": batch_size,
