@@ -408,14 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TrainingError, NonFiniteWeightsError)
+"""What bad input raises (ValueError covers ConfigError, DataError, ModelFileError and KeyMismatchError); anything
+else is a bug and surfaces with its traceback."""
+
+OUTPUT_DIRS = {"train": "run directory", "sample": "output folder", "pack": "output directory", "demo": "run directory"}
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """An --out (or pack's OUT) that names an existing file is refused before any work is done."""
+    name = getattr(args, "action", None) if args.command == "data" else args.command
+    out = getattr(args, "out", None)
+    if name in OUTPUT_DIRS and out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory (expected a {OUTPUT_DIRS[name]})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one clear line and exit with status 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        _check_out(args)
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, TrainingError, NonFiniteWeightsError) as e:
+    except USER_ERRORS as e:
         print(f"mdm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -56,7 +56,13 @@ def _resolve_dir(path: str | os.PathLike) -> Path:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise FileNotFoundError(f"{path}: no such directory (install huggingface_hub to load hub ids)") from None
-        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        try:
+            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        except Exception as e:  # offline mode, a missing repo and network errors all land here
+            raise FileNotFoundError(
+                f"{path}: not a local directory, and the hub id could not be fetched ({type(e).__name__}); "
+                f"loading a hub id needs the network (HF_HUB_OFFLINE unset), else give a local model directory"
+            ) from None
     raise FileNotFoundError(f"{path}: no such model directory")
 
 
