@@ -139,6 +139,7 @@ def test_spacings_and_guidance_interval():
         (dict(guidance_scale=-1.0), "guidance scales must be finite and >= 0"),
         (dict(guidance_scale=float("nan")), "guidance scales must be finite and >= 0"),
         (dict(sampler="dpmpp_2m", eta=0.5), "eta"),
+        (dict(sampler="ddim", eta=-1.0), "eta must be finite and >= 0"),
     ],
 )
 def test_bad_sampling_settings_are_rejected(kwargs, needle):

@@ -191,6 +191,17 @@ def test_files_where_folders_belong_and_other_bad_paths(made: Path, tmp_path: Pa
             "needs a model directory",
         ),
     ]
+    cases += [
+        (["data", "check", str(tmp_path), "--min-size", "-1"], "min_size: expected an integer >= 0, got -1"),
+        (
+            ["data", "pack", str(tmp_path), str(tmp_path / "o"), "--shard-size", "0"],
+            "shard_size: expected an integer >= 1",
+        ),
+        (["sample", "--model", str(made / "model"), "--labels", "0", "--steps", "0"], "num_inference_steps must be in"),
+        (["sample", "--model", str(made / "model"), "--labels", "0", "--num", "0"], "must be >= 1"),
+        (["sample", "--model", str(made / "model"), "--labels", "0", "--guidance", "-1"], "finite and >= 0"),
+        (["sample", "--model", str(made / "model"), "--labels", "0", "--eta", "-0.5"], "eta must be finite and >= 0"),
+    ]
     for args, needle in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err

@@ -470,3 +470,13 @@ def test_resume_inside_a_freeze_window_is_exact(tmp_path: Path) -> None:
     assert Trainer(cfg, tmp_path / "b", progress=False).fit(max_steps=3) is None
     Trainer(cfg, tmp_path / "b", resume="latest", progress=False).fit()
     assert_equal_states(weights(tmp_path / "a", 6)["model"], weights(tmp_path / "b", 6)["model"])
+
+
+def test_resuming_an_older_checkpoint_warns_about_the_newer_ones(tmp_path: Path, caplog) -> None:
+    cfg = train_config(phases=((1, 4),), checkpoint_every=1, keep_checkpoints=5)
+    Trainer(cfg, tmp_path, progress=False).fit(max_steps=3)
+    older = tmp_path / "checkpoints" / "step_0000001"
+    with caplog.at_level("WARNING", logger="mdm.train.trainer"):
+        Trainer(cfg, tmp_path, resume=str(older), progress=False).fit(max_steps=2)
+    assert "the newer ['step_0000002', 'step_0000003'] will be replaced" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]

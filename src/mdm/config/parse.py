@@ -51,6 +51,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SCALARS = {  # annotation -> which YAML values it accepts (bool is an int in Python, not in a config)
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` and convert (str ratios, ints to floats, nested dataclasses)."""
     origin = typing.get_origin(tp)
@@ -103,21 +111,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return from_dict(tp, value, source, prefix=key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in _SCALARS:
+        if _SCALARS[tp](value):
+            return float(value) if tp is float else value
         raise bad
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 

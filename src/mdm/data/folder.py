@@ -421,15 +421,21 @@ class FolderDataset(ImageDataset):
         return self._bytes(self.items[index].path)
 
 
+def json_object(text: str, where: str, shape: str = "expected a JSON object") -> dict:
+    """The JSON object in `text`; DataError naming `where` and the expected `shape` for anything else."""
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{where}: invalid JSON ({e}); {shape}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: {shape}, got {type(row).__name__} {row!r:.60}")
+    return row
+
+
 def _row(line: str, where: str) -> tuple[str, str | None, str | int | None]:
     """(file_name, text or None, label or None) of one metadata.jsonl line; DataError naming `where` otherwise."""
     shape = "expected a JSON object with 'file_name' (and 'text'/'label')"
-    try:
-        row = json.loads(line)
-    except ValueError as e:
-        raise DataError(f"{where}: {shape}; invalid JSON ({e})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: {shape}, got {type(row).__name__} {row!r:.60}")
+    row = json_object(line, where, shape)
     if "file_name" not in row:
         raise DataError(f"{where}: {shape}, got no 'file_name'")
     file, text, label = row["file_name"], row.get("text"), row.get("label")

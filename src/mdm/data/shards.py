@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ from mdm.data.folder import (
     ImageDataset,
     ReadOptions,
     decode_text,
+    json_object,
     parse_class_names,
     require_int,
     verify_image,
@@ -348,16 +348,11 @@ class ShardDataset(ImageDataset):
         name = f"{e.tar}:{os.path.splitext(e.name)[0] if e.image else e.name}{ext}"
         try:
             text = decode_text(self._bytes(e.tar, where), name)
+            row = None if ext == ".txt" else json_object(text, name)
         except DataError as err:
             raise BadSample(str(err)) from None
-        if ext == ".txt":
+        if row is None:
             return text.strip()
-        try:
-            row = json.loads(text)
-        except ValueError as err:
-            raise BadSample(f"{name}: invalid JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise BadSample(f"{name}: expected a JSON object, got {type(row).__name__}")
         caption = row.get("caption") or row.get("text")
         if caption is not None and not isinstance(caption, str):
             raise BadSample(f"{name}: 'caption' / 'text' must be a string, got {caption!r:.60}")

@@ -358,6 +358,8 @@ def get_sampler(name: str, eta: float = 0.0) -> Sampler:
     """The registered sampler `name`; `eta` is DDIM's and is refused (when non-zero) by the others."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
     if name == "ddim":
         return partial(ddim, eta=eta)
     if eta:
