@@ -158,3 +158,19 @@ def test_the_model_directory_carries_a_default_sampler(tmp_path):
     explicit = loaded(**kw, sampler="unipc", spacing="trailing", generator=torch.Generator().manual_seed(0))
     ddim = loaded(**kw, sampler="ddim", spacing="trailing", generator=torch.Generator().manual_seed(0))
     assert torch.equal(default.images, explicit.images) and not torch.equal(default.images, ddim.images)
+
+
+def test_x0_callback_sees_every_network_call():
+    pipe = class_pipe()
+    seen = []
+    out = pipe(
+        class_labels=[0],
+        num_inference_steps=3,
+        sampler="heun",
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        x0_callback=lambda i, x0: seen.append((i, [tuple(x.shape) for x in x0], max(x.abs().max().item() for x in x0))),
+    )
+    assert len(seen) == out.nfe == 5
+    assert [i for i, _, _ in seen] == [0, 1, 1, 2, 2], "Heun: a corrector call at the next point, then its step"
+    assert all(shapes == [(1, 3, 16, 16), (1, 3, 8, 8)] and peak <= 1 for _, shapes, peak in seen), "clipped x0"

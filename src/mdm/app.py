@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mdm.diffusion.guidance import Guidance, guidance_on, guide
 from mdm.diffusion.process import Pyramid
-from mdm.diffusion.samplers import SAMPLERS, Grid, X0Denoiser, gaussian_noise, get_sampler
+from mdm.diffusion.samplers import SAMPLERS
 from mdm.diffusion.schedule import SPACINGS
 from mdm.images import sample_grid, save_png, to_pil
 from mdm.pipeline import MDMPipeline
@@ -110,11 +109,16 @@ def max_steps(pipe: MDMPipeline) -> int:
     return min(MAX_STEPS, pipe.config.diffusion.num_train_timesteps)
 
 
+def _shown(value: Any) -> str:
+    """A value from the page quoted for a message, cut short."""
+    return repr(str(value)[:80])
+
+
 def _whole(value: Any, name: str, lo: int, hi: int) -> int:
     """`value` as an int in lo..hi (floats from the page must be whole)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (ok and value == int(value) and lo <= value <= hi):
-        raise RequestError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        raise RequestError(f"{name} must be a whole number from {lo} to {hi}, got {_shown(value)}")
     return int(value)
 
 
@@ -136,12 +140,11 @@ def validate(pipe: MDMPipeline, request: Request) -> Request:
     seed = _whole(request.seed, "the seed", 0, MAX_SEED)
     w = request.guidance
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= MAX_GUIDANCE:
-        raise RequestError(f"the guidance scale must be from 0 to {MAX_GUIDANCE:g}, got {w!r}")
+        raise RequestError(f"the guidance scale must be from 0 to {MAX_GUIDANCE:g}, got {_shown(w)}")
     sampler, spacing = request.sampler or diffusion.sampler, request.spacing or diffusion.spacing
-    if sampler not in SAMPLERS:
-        raise RequestError(f"unknown sampler {sampler!r}; pick one of {', '.join(SAMPLERS)}")
-    if spacing not in SPACINGS:
-        raise RequestError(f"unknown spacing {spacing!r}; pick one of {', '.join(SPACINGS)}")
+    for name, value, known in (("sampler", sampler, list(SAMPLERS)), ("spacing", spacing, list(SPACINGS))):
+        if value not in known:
+            raise RequestError(f"unknown {name} {_shown(value)}; pick one of {', '.join(known)}")
     prompt, negative = _text(request.prompt, "prompt", limit), _text(request.negative_prompt, "negative prompt", limit)
     kind = model_kind(pipe)
     if kind == "text" and not prompt.strip():
@@ -149,7 +152,7 @@ def validate(pipe: MDMPipeline, request: Request) -> Request:
     if kind == "class" and request.class_name not in class_choices(pipe):
         names = class_choices(pipe)
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise RequestError(f"unknown class {str(request.class_name)[:80]!r}; this model's classes: {shown}")
+        raise RequestError(f"unknown class {_shown(request.class_name)}; this model's classes: {shown}")
     return replace(
         request,
         prompt=prompt,
@@ -183,45 +186,38 @@ def path_points(steps: int, count: int = PATH_POINTS) -> list[int]:
 
 @torch.no_grad()
 def generate(pipe: MDMPipeline, request: Request, on_step: Callable[[int, int], None] | None = None) -> Result:
-    """Validate `request` and sample it as `pipe(...)` does (same images for the same seed), keeping the x0 estimate
-    of every level that the sampler's `X0Denoiser` returns at `path_points`; `on_step(done, total)` runs per step."""
+    """Validate `request` and sample it with `pipe(...)`, keeping the x0 estimate of every level at `path_points`
+    (what the sampler itself computed: no extra network calls); `on_step(done, total)` runs per step."""
     req = validate(pipe, request)
-    start, cfg = time.perf_counter(), pipe.config
-    guidance = Guidance(req.guidance)
-    conditions = pipe.conditioner.build(
-        **_condition(pipe, req),
-        per_prompt=req.num_images,
-        guided=guidance_on(guidance, cfg.model.context_dim() > 0),
-    )
-    generator = torch.Generator().manual_seed(req.seed)
-    latents = pipe.prepare_latents(conditions.batch_size, generator)
-    gammas = pipe.diffusion.gammas(pipe.dtype if pipe.dtype == torch.float64 else torch.float32).to(pipe.device)
-    grid = Grid.from_table(gammas, pipe.timesteps(req.steps, req.spacing))
-    guidance = guidance if conditions.uncond is not None else Guidance()
-    network = guide(pipe.unet, conditions.cond, conditions.uncond, guidance, gammas[-1])
-    x0_of = X0Denoiser(network, grid, cfg.diffusion.prediction_type, cfg.diffusion.thresholding)
-    keep, path = set(path_points(grid.steps)), {}
+    start = time.perf_counter()
+    steps = len(pipe.timesteps(req.steps, req.spacing)) - 1
+    keep, path = set(path_points(steps)), {}
 
-    def denoise(x: Pyramid, i: int) -> Pyramid:
-        x0 = x0_of(x, i)
+    def record(i: int, x0: Pyramid) -> None:
         if i in keep:  # a later call at the same point (Heun's own step after its corrector) replaces the first
             path[i] = [lv.float().cpu() for lv in x0]
-        return x0
 
-    state = latents
-    steps = get_sampler(req.sampler)(denoise, latents, grid, gaussian_noise(generator))
-    for i, state in enumerate(steps):  # noqa: B007 (the last state is the result)
-        if on_step is not None:
-            on_step(i + 1, grid.steps)
-    levels = [lv.clamp(-1, 1).float().cpu() for lv in state]
-    return Result(req, levels, conditions.titles, path, grid.steps, x0_of.nfe, time.perf_counter() - start)
+    out = pipe(
+        **_condition(pipe, req),
+        num_images_per_prompt=req.num_images,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance,
+        sampler=req.sampler,
+        spacing=req.spacing,
+        generator=torch.Generator().manual_seed(req.seed),
+        output_type="pt",
+        callback=None if on_step is None else lambda i, _tau, _state: on_step(i + 1, steps),
+        x0_callback=record,
+    )
+    levels = [lv.float().cpu() for lv in out.levels]
+    return Result(req, levels, out.titles, path, steps, out.nfe, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------------------
 def _frames(result: Result) -> list[Image.Image]:
     """One labelled grid of every image and level per recorded step (the GIF's frames)."""
     return [
-        sample_grid(x0, [f"step {i + 1}/{result.steps} x0: {t}" for t in result.titles])
+        sample_grid(x0, [f"step {i + 1}/{result.steps} x0: {t}" for t in result.titles], ncols=2)
         for i, x0 in sorted(result.path.items())
     ]
 
@@ -325,7 +321,8 @@ def build_app(pipelines: Mapping[str, MDMPipeline] | Sequence[MDMPipeline], work
     start = _controls(first, models[first])
 
     def on_model(name: str) -> list[dict[str, Any]]:
-        return [gr.update(**settings) for settings in _controls(name, models[name]).values()]
+        key = name if name in models else first
+        return [gr.update(**settings) for settings in _controls(key, models[key]).values()]
 
     def on_generate(
         name: str,
@@ -341,7 +338,7 @@ def build_app(pipelines: Mapping[str, MDMPipeline] | Sequence[MDMPipeline], work
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio's way to ask for a progress bar)
     ) -> tuple[Any, ...]:
         if name not in models:
-            page = Page(f"**Check the inputs:** unknown model {str(name)[:80]!r}")
+            page = Page(f"**Check the inputs:** unknown model {_shown(name)}")
         else:
             request = Request(
                 prompt or "", negative or "", class_name or "", num_images, steps, guidance, sampler, spacing, seed
@@ -382,7 +379,7 @@ def build_app(pipelines: Mapping[str, MDMPipeline] | Sequence[MDMPipeline], work
                 gallery = gr.Gallery(
                     label="Every level (highest first)",
                     columns=2,
-                    height=440,
+                    height=720,
                     object_fit="contain",
                     format="png",
                     buttons=["download", "download_all", "fullscreen"],
@@ -406,7 +403,7 @@ def build_app(pipelines: Mapping[str, MDMPipeline] | Sequence[MDMPipeline], work
                         interactive=False,
                         elem_id="path-gif",
                     )
-                files = gr.File(label="PNGs", file_count="multiple", interactive=False, elem_id="files")
+                files = gr.File(label="PNGs", file_count="multiple", height=220, interactive=False, elem_id="files")
         model.change(
             on_model,
             inputs=model,

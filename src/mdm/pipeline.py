@@ -18,7 +18,7 @@ from mdm.conditions import Conditioner, Conditions, Labels
 from mdm.config import MDMConfig, load_config, save_config
 from mdm.diffusion.guidance import Guidance, guidance_on
 from mdm.diffusion.process import MultiLevelDiffusion, Pyramid
-from mdm.diffusion.samplers import SampleResult, StepCallback, run
+from mdm.diffusion.samplers import SampleResult, StepCallback, X0Callback, run
 from mdm.diffusion.schedule import sampling_timesteps
 from mdm.images import to_pil
 from mdm.io import to_uint8
@@ -189,6 +189,7 @@ class MDMPipeline:
         thresholding: str | None,
         generator: torch.Generator | None,
         callback: StepCallback | None,
+        x0_callback: X0Callback | None = None,
     ) -> SampleResult:
         """Run the sampler over `grid` from `latents` to images at every level, guided when `conditions` has an
         unconditional branch."""
@@ -208,6 +209,7 @@ class MDMPipeline:
             generator=generator,
             progress=self.progress,
             callback=callback,
+            x0_callback=x0_callback,
         )
 
     @torch.no_grad()
@@ -234,6 +236,7 @@ class MDMPipeline:
         latents: Pyramid | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
+        x0_callback: X0Callback | None = None,
     ) -> MDMPipelineOutput:
         """Generate images; every level of the pyramid is returned in `levels`.
 
@@ -243,6 +246,7 @@ class MDMPipeline:
         `sampler` and `spacing` default to the config's (`diffusion.sampler`, `diffusion.spacing`); guidance
         applies `guidance_scale` (or one scale per level) within `guidance_interval` (base logSNR, lo..hi) only.
         `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]). The output reports the network calls.
+        `callback(i, tau, state)` runs after each step, `x0_callback(i, x0)` after each call with every level's x0.
         """
         # 1. Check the inputs that nothing below checks; settle the sampler, its grid and the guidance
         if output_type not in OUTPUT_TYPES:
@@ -266,7 +270,9 @@ class MDMPipeline:
         # 3. Prepare the starting noise of every level
         latents = self.prepare_latents(conditions.batch_size, generator, latents)
         # 4. Denoise every level jointly
-        result = self.denoise(latents, conditions, grid, guidance, sampler, eta, thresholding, generator, callback)
+        result = self.denoise(
+            latents, conditions, grid, guidance, sampler, eta, thresholding, generator, callback, x0_callback
+        )
         # 5. Convert to the requested output type
         return _output([lv.clamp(-1, 1) for lv in result.levels], conditions.titles, result.nfe, output_type)
 

@@ -37,6 +37,7 @@ from mdm.models.conditioning import Conditioning
 X0Fn = Callable[[Pyramid, int], Pyramid]
 StepNoise = Callable[[Pyramid], Pyramid]
 StepCallback = Callable[[int, int, Pyramid], None]
+X0Callback = Callable[[int, Pyramid], None]
 THRESHOLDS = ("clip", "dynamic", "dynamic_if", "none")
 PREDICTIONS = ("v", "eps", "x0")
 
@@ -119,15 +120,19 @@ class X0Denoiser:
     prediction_type: str = "v"
     thresholding: str = "clip"
     nfe: int = 0
+    observe: X0Callback | None = None  # sees (i, x0) after every call: the estimates a viewer shows
 
     def __call__(self, x: Pyramid, i: int) -> Pyramid:
         """x0 of every level of state `x` at grid point i."""
         self.nfe += 1
         preds = self.network(x, int(self.grid.tau[i]))
-        return [
+        x0 = [
             threshold(predict_x0(p.to(z.dtype), z, g.to(z), self.prediction_type), self.thresholding)
             for z, p, g in zip(x, preds, self.grid.gamma[:, i], strict=True)
         ]
+        if self.observe is not None:
+            self.observe(i, x0)
+        return x0
 
 
 def gaussian_noise(generator: torch.Generator | None = None) -> StepNoise:
@@ -391,12 +396,14 @@ def run(
     generator: torch.Generator | None = None,
     progress: bool = True,
     callback: StepCallback | None = None,
+    x0_callback: X0Callback | None = None,
 ) -> SampleResult:
     """Run the reverse process from `noise` (one tensor per level, highest first) over the descending integer grid
     `timesteps` of the per-level schedule `gammas` (L, T + 1), in the state's dtype.
 
     `guidance` is a scale or a `Guidance`; its interval is measured on the lowest level's schedule. Step noise is
-    drawn from `generator` level by level, high to low. `callback(i, tau, state)` runs after each step.
+    drawn from `generator` level by level, high to low. `callback(i, tau, state)` runs after each step;
+    `x0_callback(i, x0)` after each network call, with every level's (thresholded) x0 estimate at grid point i.
     """
     step_fn = get_sampler(sampler, eta)
     if thresholding not in THRESHOLDS:
@@ -405,7 +412,8 @@ def run(
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTIONS)}; got {prediction_type!r}")
     guidance = guidance if isinstance(guidance, Guidance) else Guidance(scale=guidance)
     grid = Grid.from_table(gammas, timesteps)
-    denoise = X0Denoiser(guide(model, cond, uncond, guidance, gammas[-1]), grid, prediction_type, thresholding)
+    network = guide(model, cond, uncond, guidance, gammas[-1])
+    denoise = X0Denoiser(network, grid, prediction_type, thresholding, observe=x0_callback)
     state = list(noise)
     steps = step_fn(denoise, state, grid, gaussian_noise(generator))
     for i, state in enumerate(tqdm(steps, total=grid.steps, desc="sampling", disable=not progress, leave=False)):
