@@ -62,7 +62,7 @@ class Trainer:
         self.ends = [sum(p.steps for p in self.plan[: i + 1]) for i in range(len(self.plan))]
         self.user_dataset = dataset
         self._datasets: dict[int, Dataset] = {}
-        self.cfg = config
+        self.cfg = config  # what `dataset` reads (data, text width) is the same in the run config made next
         self.cfg = self._with_class_names(config)
         encoder = text_encoder if text_encoder is not None else load_text_encoder(self.cfg.text)
         self.text_encoder = self._checked_encoder(encoder)
