@@ -22,6 +22,7 @@ from mdm.diffusion.samplers import SampleResult, StepCallback, X0Callback, run
 from mdm.diffusion.schedule import sampling_timesteps
 from mdm.images import to_pil
 from mdm.io import to_uint8
+from mdm.models.temporal import fold
 from mdm.models.unet import NestedUNet
 from mdm.text.base import TextEncoder
 from mdm.text.encoders import load_text_encoder
@@ -36,12 +37,17 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 @dataclass
 class MDMPipelineOutput:
     """`images`: top-level results; `levels`: one entry per level, highest first (PIL lists, arrays or tensors);
-    `titles`: what each sample was asked for (class, prompt, or 'sample i'); `nfe`: network calls made."""
+    `titles`: what each sample was asked for (class, prompt, or 'sample i'); `nfe`: network calls made.
+
+    `videos` (video models; None for image models): one entry per level, highest first, with per sample a list
+    of T PIL frames ("pil"), uint8 (N, T, H, W, C) ("np") or floats (N, C, T, H, W) in [-1, 1] ("pt"); a video
+    model's `levels` is this list and its `images` the top level's videos."""
 
     images: Any
     levels: list[Any]
     titles: list[str]
     nfe: int  # network evaluations (a guided call of both branches counts once)
+    videos: list[Any] | None = None
 
 
 def _resolve_dir(path: str | os.PathLike) -> Path:
@@ -84,7 +90,7 @@ class MDMPipeline:
         self.config = config
         self._text_encoder = text_encoder
         self.provenance = dict(provenance or {})
-        self.diffusion = MultiLevelDiffusion(config.diffusion, config.model.level_sizes())
+        self.diffusion = MultiLevelDiffusion(config.diffusion, config.model.level_shapes())
         self.progress = True
 
     # ------------------------------------------------------------------------------------------------------
@@ -164,13 +170,13 @@ class MDMPipeline:
         return Conditioner(self.config.model, lambda: self.text_encoder, self.device, self.dtype)
 
     def prepare_latents(self, n: int, generator: torch.Generator | None, latents: Pyramid | None = None) -> Pyramid:
-        """The starting noise of every level (highest first): `latents` checked, or drawn level by level."""
-        sizes, channels = self.config.model.level_sizes(), self.config.model.in_channels
-        shapes = [(n, channels, s, s) for s in sizes]
+        """The starting noise of every level (highest first): `latents` checked, or drawn level by level; (N, C, H, W)
+        per level, or (N, C, T, H, W) for a video model."""
+        shapes = [(n, *shape) for shape in self.diffusion.item_shapes(self.config.model.in_channels)]
         if latents is None:
             latents = [torch.randn(shape, generator=generator, dtype=torch.float32) for shape in shapes]
         elif len(latents) != len(shapes) or any(tuple(z.shape) != sh for z, sh in zip(latents, shapes, strict=False)):
-            raise ValueError(f"latents must be {len(sizes)} tensors of shape (N, {channels}, s, s) for s in {sizes}")
+            raise ValueError(f"latents must be {len(shapes)} tensors of the shapes {shapes}")
         return [z.to(self.device, self.dtype) for z in latents]
 
     def timesteps(self, num_inference_steps: int, spacing: str | None = None) -> torch.Tensor:
@@ -277,8 +283,22 @@ class MDMPipeline:
         return _output([lv.clamp(-1, 1) for lv in result.levels], conditions.titles, result.nfe, output_type)
 
 
+def _video(x: torch.Tensor, output_type: str) -> Any:
+    """N C T H W clips as floats ("pt"), uint8 N T H W C ("np"), or a list of T PIL frames per sample ("pil")."""
+    n, frames = x.shape[0], x.shape[2]
+    if output_type == "pt":
+        return x
+    if output_type == "np":
+        return to_uint8(fold(x)).reshape(n, frames, *x.shape[-2:], x.shape[1])
+    images = to_pil(fold(x))
+    return [images[i * frames : (i + 1) * frames] for i in range(n)]
+
+
 def _output(levels: Pyramid, titles: list[str], nfe: int, output_type: str) -> MDMPipelineOutput:
-    """Every level as float tensors ("pt"), uint8 arrays ("np") or PIL images ("pil")."""
+    """Every level as float tensors ("pt"), uint8 arrays ("np") or PIL images ("pil"); clips as videos."""
+    if levels[0].dim() == 5:
+        videos = [_video(lv, output_type) for lv in levels]
+        return MDMPipelineOutput(images=videos[0], levels=videos, titles=titles, nfe=nfe, videos=videos)
     convert = {"pt": lambda x: x, "np": to_uint8, "pil": to_pil}[output_type]
     converted = [convert(lv) for lv in levels]
     return MDMPipelineOutput(images=converted[0], levels=converted, titles=titles, nfe=nfe)

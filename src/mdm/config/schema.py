@@ -7,6 +7,7 @@ what was expected. A loaded config is never changed afterwards; derived values a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,6 +59,14 @@ class UNetConfig:
     normalize_input: bool = field(
         default=False, metadata={"help": "outer levels: divide the noisy input by its per-sample std"}
     )
+    resample: Literal["space", "time"] = field(
+        default="space",
+        metadata={"help": "axis the stages halve: space (the side) or time (the frames; the side stays)"},
+    )
+    temporal_attention: bool = field(
+        default=True,
+        metadata={"help": "video: num_heads-head attention over frames after each ResNet of a stage with >1 frame"},
+    )
     inner: UNetConfig | None = field(default=None, metadata={"help": "the network of the next lower level"})
 
     def __post_init__(self) -> None:
@@ -84,6 +93,13 @@ class ModelConfig:
     """The network: image size, channels, conditioning widths and the recursive level tree."""
 
     image_size: int = field(default=64, metadata={"help": "side of the highest-resolution level"})
+    num_frames: int = field(
+        default=1, metadata={"help": "frames of the highest level; > 1 = a video model (N C T H W at every level)"}
+    )
+    frame_positions: Literal["rotary", "sinusoidal"] = field(
+        default="rotary",
+        metadata={"help": "how temporal attention sees frame order: rotary q/k, or sinusoids added to its input"},
+    )
     in_channels: int = field(default=3, metadata={"help": "image channels"})
     out_channels: int = field(default=3, metadata={"help": "prediction channels"})
     text_dim: int = field(default=0, metadata={"help": "width of the text-encoder features (0 = no text)"})
@@ -98,12 +114,28 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
     unet: UNetConfig = field(default_factory=UNetConfig, metadata={"help": "the level tree"})
 
+    def is_video(self) -> bool:
+        """Whether the model takes clips (N C T H W at every level) rather than images (N C H W)."""
+        return self.num_frames > 1
+
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """(frames, side) of every level, highest first: a level's stages halve its `resample` axis."""
+        shapes = [(self.num_frames, self.image_size)]
+        for level in self.unet.levels()[:-1]:
+            frames, side = shapes[-1]
+            factor = 2 ** (len(level.channels) - 1)
+            shapes.append((frames // factor, side) if level.resample == "time" else (frames, side // factor))
+        return shapes
+
     def level_sizes(self) -> list[int]:
         """Side length of every level, highest first."""
-        sizes = [self.image_size]
-        for level in self.unet.levels()[:-1]:
-            sizes.append(sizes[-1] // 2 ** (len(level.channels) - 1))
-        return sizes
+        return [side for _, side in self.level_shapes()]
+
+    def inner_model(self, levels: int) -> ModelConfig:
+        """The model of the innermost `levels` levels: a progressive phase's, or the image model inside a video."""
+        first = len(self.unet.levels()) - levels
+        frames, side = self.level_shapes()[first]
+        return dataclasses.replace(self, unet=self.unet.levels()[first], image_size=side, num_frames=frames)
 
     def context_dim(self) -> int:
         """Width of the conditioning tokens seen by cross-attention (0 when unconditional)."""
@@ -151,6 +183,10 @@ class DiffusionConfig:
     loss_on_all_levels: bool = field(default=True, metadata={"help": "False: only the top level's loss"})
     mixed_ratio: list[float] | None = field(
         default=None, metadata={"help": "mixed-resolution batches 'a:b[:c]', highest first (None = off)"}
+    )
+    temporal_downsample: Literal["first", "middle", "mean"] = field(
+        default="first",
+        metadata={"help": "video pyramid: a time step keeps the first or middle frame of each group, or their mean"},
     )
     cond_drop_prob: float = field(default=0.1, metadata={"help": "condition dropout for classifier-free guidance"})
     thresholding: Threshold = field(default="clip", metadata={"help": "x0 thresholding while sampling"})

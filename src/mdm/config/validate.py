@@ -88,9 +88,10 @@ def _model(cfg: MDMConfig, rule: _Rules) -> None:
     for i, level in enumerate(levels):
         _level(level, key, rule, innermost=i == len(levels) - 1, temb=inner.time_width())
         key += ".inner"
-    factor = math.prod(2 ** (len(level.channels) - 1) for level in levels)
+    factor = math.prod(2 ** (len(level.channels) - 1) for level in levels if level.resample == "space")
     rule(m.image_size > 0, "model.image_size", "must be positive")
-    rule(m.image_size % factor == 0, "model.image_size", f"= {m.image_size} is not divisible by {factor}, the product of every level's down-sampling (2**(stages-1) per level)")
+    rule(m.image_size % factor == 0, "model.image_size", f"= {m.image_size} is not divisible by {factor}, the product of every level's down-sampling (2**(stages-1) per space level)")
+    _frames(cfg, rule)
     rule(m.in_channels > 0, "model.in_channels", "must be positive")
     rule(m.out_channels > 0, "model.out_channels", "must be positive")
     rule(m.text_dim >= 0 and m.num_classes >= 0, "model.text_dim/num_classes", "must be >= 0")
@@ -101,6 +102,25 @@ def _model(cfg: MDMConfig, rule: _Rules) -> None:
         rule(m.context_dim() > 0, "model.num_classes", "needs a conditioning width: set the innermost level's text_proj_dim (or model.text_dim)")
     if m.context_dim() > 0 and inner.num_lm_head_layers > 0:
         rule(m.context_dim() % inner.num_heads == 0, "model.unet...num_lm_head_layers", "needs width % num_heads == 0")
+
+
+def _frames(cfg: MDMConfig, rule: _Rules) -> None:
+    """Video layouts: a time level halves its frames once per stage, and temporal attention splits into heads."""
+    m = cfg.model
+    rule(m.num_frames >= 1, "model.num_frames", f"must be >= 1, got {m.num_frames}")
+    key = "model.unet"
+    for level, (frames, _) in zip(m.unet.levels(), m.level_shapes(), strict=True):
+        halvings = len(level.channels) - 1
+        if level.resample == "time":
+            rule(frames >= 2**halvings, f"{key}.resample", f"= time halves the frames {halvings} time(s), but this level gets {frames} frame(s) (model.num_frames = {m.num_frames}, after the outer time levels): fewer than one would be left")
+            rule(frames % 2**halvings == 0, f"{key}.resample", f"= time halves the frames {halvings} time(s): this level's {frames} frames are not divisible by {2**halvings}")
+        for i, c in enumerate(level.channels):
+            stage_frames = frames // 2**i if level.resample == "time" else frames
+            if level.temporal_attention and stage_frames > 1:
+                rule(c % (2 * level.num_heads) == 0, f"{key}.channels[{i}]", f"= {c} (a stage with temporal attention) is not divisible by 2 x num_heads = {2 * level.num_heads}")
+        key += ".inner"
+    if m.is_video():
+        rule(cfg.diffusion.mixed_ratio is None, "diffusion.mixed_ratio", "is not supported for video models (model.num_frames > 1)")
 
 
 def _diffusion(cfg: MDMConfig, rule: _Rules) -> None:
@@ -163,6 +183,7 @@ def _train(cfg: MDMConfig, rule: _Rules) -> None:
             rule.finite(ph.mixed_ratio, f"{key}.mixed_ratio")
             rule(len(ph.mixed_ratio) == ph.levels and all(r > 0 for r in ph.mixed_ratio), f"{key}.mixed_ratio", f"needs {ph.levels} positive parts (highest level first), got {ph.mixed_ratio}")
         ratio, batch = cfg.phase_mixed_ratio(ph), ph.batch_size or tr.batch_size
+        rule(ratio is None or not cfg.model.inner_model(ph.levels).is_video(), f"{key}.mixed_ratio", "is not supported for a phase that trains video levels (more than one frame)")
         for j, rows in enumerate(mixed_rows(ratio, batch, ph.levels)):
             rule(rows >= 1, f"{key}.batch_size", f"= {batch} gives level {j} of the mixed ratio {ratio} no rows; raise the batch size")
         previous = ph.levels

@@ -4,6 +4,9 @@ A clean image becomes a pyramid by average pooling; every level l is noised with
 noise level gamma_l(t) (the base schedule with SNR divided by s_l**p):  z^l = sqrt(gamma_l) x^l + sqrt(1 -
 gamma_l) eps^l.  The loss is sum_l w_l * mean_{C,H,W} (target^l - converted prediction^l)^2 (paper eq. 4,
 ml-mdm's v-output / eps-loss form by default).
+
+A clip (N C T H W) becomes a pyramid of (frames, side) levels: a space step pools every frame, a time step
+sub-samples the frames. Its shift scale is the square root of the level's pixels x frames over the base's.
 """
 
 from __future__ import annotations
@@ -18,18 +21,58 @@ import torch.nn.functional as F
 from mdm.config import DiffusionConfig, mixed_fractions, mixed_rows
 from mdm.diffusion.schedule import level_gammas
 from mdm.models.conditioning import Conditioning
+from mdm.models.temporal import fold, unfold
 
 Pyramid = list[torch.Tensor]
 Denoiser = Callable[[Pyramid, torch.Tensor, Conditioning | None], Pyramid]
 
 
-def build_pyramid(x: torch.Tensor, sizes: list[int]) -> Pyramid:
-    """The image at every level, highest first: level l is the box-filtered (avg-pool) level l - 1."""
-    if x.shape[-1] != sizes[0] or x.shape[-2] != sizes[0]:
-        raise ValueError(f"images must be {sizes[0]}x{sizes[0]}, got {tuple(x.shape[-2:])}")
+LevelShape = int | tuple[int, int]
+"""A pyramid level: its side (images), or (frames, side)."""
+TEMPORAL_DOWNSAMPLES = ("first", "middle", "mean")
+
+
+def _shapes(sizes: list[LevelShape]) -> list[tuple[int, int]]:
+    """Every level as (frames, side); a bare side is a one-frame level."""
+    return [(1, s) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in sizes]
+
+
+def subsample_frames(x: torch.Tensor, factor: int, how: str = "first") -> torch.Tensor:
+    """Every `factor`-th frame of N C T H W clips: frames 0, k, 2k.. ("first"), k//2 + i k ("middle"), or the mean
+    of each group of k frames ("mean")."""
+    if how not in TEMPORAL_DOWNSAMPLES:
+        raise ValueError(f"temporal_downsample must be one of {', '.join(TEMPORAL_DOWNSAMPLES)}, got {how!r}")
+    if x.shape[2] % factor:
+        raise ValueError(f"{x.shape[2]} frames do not split into groups of {factor}")
+    if how == "mean":
+        return x.unflatten(2, (-1, factor)).mean(3)
+    return x[:, :, (factor // 2 if how == "middle" else 0) :: factor]
+
+
+def build_pyramid(x: torch.Tensor, sizes: list[LevelShape], temporal_downsample: str = "first") -> Pyramid:
+    """The image or clip at every level, highest first: level l is the box-filtered (avg-pool) level l - 1.
+
+    Clips (N C T H W) take (frames, side) levels: a step that lowers the frames sub-samples them by the ratio to
+    the level above (`temporal_downsample`, see :func:`subsample_frames`); one that lowers the side pools every
+    frame. Images (N C H W) take sides, or (1, side)."""
+    shapes = _shapes(sizes)
+    side = shapes[0][1]
+    if x.shape[-1] != side or x.shape[-2] != side:
+        raise ValueError(f"images must be {side}x{side}, got {tuple(x.shape[-2:])}")
+    if x.dim() == 5 and x.shape[2] != shapes[0][0]:
+        raise ValueError(f"clips must have {shapes[0][0]} frames, got {x.shape[2]}")
+    if x.dim() != 5 and any(f != 1 for f, _ in shapes):
+        raise ValueError(f"levels of several frames {shapes} need clips (N, C, T, H, W), got {tuple(x.shape)}")
     levels = [x]
-    for hi, lo in pairwise(sizes):
-        levels.append(F.avg_pool2d(levels[-1], kernel_size=hi // lo))
+    for (f_hi, hi), (f_lo, lo) in pairwise(shapes):
+        level = levels[-1]
+        if f_lo != f_hi:
+            level = subsample_frames(level, f_hi // f_lo, temporal_downsample)
+        if lo != hi and level.dim() == 5:
+            level = unfold(F.avg_pool2d(fold(level), kernel_size=hi // lo), level.shape[2])
+        elif lo != hi:
+            level = F.avg_pool2d(level, kernel_size=hi // lo)
+        levels.append(level)
     return levels
 
 
@@ -93,14 +136,25 @@ class LossOutput:
 
 
 class MultiLevelDiffusion:
-    """Schedules of every level and the training loss of a pyramid model."""
+    """Schedules of every level and the training loss of a pyramid model.
 
-    def __init__(self, config: DiffusionConfig, sizes: list[int]) -> None:
+    `sizes` lists every level's side (images) or (frames, side) (`ModelConfig.level_shapes()`; clips when the top
+    level has several frames). Level l's shift scale is s_l = (side_l / base) * sqrt(frames_l / base frames), the
+    square root of its pixels x frames over the base's: the side ratio for images, exactly as before.
+    """
+
+    def __init__(self, config: DiffusionConfig, sizes: list[LevelShape]) -> None:
         self.config = config
-        self.sizes = list(sizes)
-        base = config.shift_base_size or sizes[-1]
-        self.scales = [s / base for s in sizes]
+        self.shapes = _shapes(sizes)
+        self.sizes = [side for _, side in self.shapes]
+        self.video = self.shapes[0][0] > 1
+        base, base_frames = config.shift_base_size or self.sizes[-1], self.shapes[-1][0]
+        self.scales = [s / base * (f / base_frames) ** 0.5 for f, s in self.shapes]
         self._tables: dict[torch.dtype, torch.Tensor] = {}
+
+    def item_shapes(self, channels: int) -> list[tuple[int, ...]]:
+        """One sample's shape at every level, highest first: (C, H, W), or (C, T, H, W) for clips."""
+        return [(channels, f, s, s) if self.video else (channels, s, s) for f, s in self.shapes]
 
     @property
     def num_levels(self) -> int:
@@ -135,7 +189,8 @@ class MultiLevelDiffusion:
         noise: Pyramid | None = None,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
-        """Multi-level denoising loss of a batch of top-level images x (B, C, H, W) in [-1, 1].
+        """Multi-level denoising loss of a batch of top-level images x (B, C, H, W) or clips (B, C, T, H, W) in
+        [-1, 1] (every level's MSE is a mean over C, (T,) H, W).
 
         `t` (network input, schedule index t + 1) and per-level `noise` are drawn from `generator` in that
         order (t, then noise high to low) unless given, so a run is reproducible.
@@ -145,7 +200,7 @@ class MultiLevelDiffusion:
         if t is None:
             t = self.sample_t(batch, generator, x.device)
         t = t.to(x.device)
-        levels = build_pyramid(x, self.sizes)
+        levels = build_pyramid(x, self.shapes if self.video else self.sizes, cfg.temporal_downsample)
         if noise is None:
             noise = [torch.randn(lv.shape, generator=generator, device="cpu").to(lv) for lv in levels]
         gam = self.gamma(t + 1, x.dtype if x.dtype == torch.float64 else torch.float32)

@@ -1,5 +1,5 @@
-"""Building blocks of the UNet: ResNet, 2-D self/cross attention, text transformer blocks, resampling and the
-sinusoidal embedding. Parameter names follow ml-mdm's so checkpoints map one to one.
+"""Building blocks of the UNet: ResNet, 2-D self/cross attention, text transformer blocks and the sinusoidal
+embedding. Parameter names follow ml-mdm's so checkpoints map one to one.
 """
 
 from __future__ import annotations
@@ -164,63 +164,3 @@ class TextBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.mlp(self.attn(x, mask))
-
-
-class LevelBlock(nn.Module):
-    """One stage of a UNet path: ResNets (each followed by its attention layers), then optional resampling.
-
-    On the up path each ResNet first concatenates [x, skip]. Returns the output and every recorded activation
-    (after each ResNet+attention, and after resampling), which the down path hands to the up path as skips.
-    """
-
-    def __init__(
-        self,
-        widths: list[tuple[int, int]],
-        temb_dim: int,
-        groups: int,
-        dropout: float,
-        attn_layers: int,
-        heads: int,
-        context_dim: int,
-        ffn: bool,
-        resample: str | None,
-        fp32_islands: bool,
-    ) -> None:
-        super().__init__()
-        self.fp32_islands = fp32_islands
-        self.attn_layers = attn_layers
-        self.resnets = nn.ModuleList(ResNet(ci, co, temb_dim, groups, dropout) for ci, co in widths)
-        if attn_layers > 0:
-            self.attn = nn.ModuleList(
-                Attention2D(co, heads, context_dim, ffn, fp32_islands) for _, co in widths for _ in range(attn_layers)
-            )
-        self.resample_mode = resample
-        if resample is not None:
-            c = widths[-1][1]
-            self.resample = nn.Conv2d(c, c, 3, stride=2 if resample == "down" else 1, padding=1)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        temb: torch.Tensor,
-        context: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        skips: list[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        acts = []
-        for r, resnet in enumerate(self.resnets):
-            if skips is not None:
-                x = torch.cat([x, skips[-1 - r]], dim=1)
-            x = resnet(x, temb)
-            for j in range(self.attn_layers):
-                x = self.attn[r * self.attn_layers + j](x, context, mask)
-            acts.append(x)
-        if self.resample_mode == "up":
-            if self.fp32_islands and x.dtype == torch.float64:
-                x = F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype)
-            else:
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.resample_mode is not None:
-            x = self.resample(x)
-            acts.append(x)
-        return x, acts

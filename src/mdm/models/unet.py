@@ -3,6 +3,11 @@
 A one-level config gives a plain UNet. Levels are joined by zero-initialised 3x3 adapters (`in_adapter` into
 the inner network's first features, `out_adapter` back), so growing a model by one outer level leaves the
 inner predictions unchanged. Module names follow ml-mdm, so its state dicts load by identity.
+
+A video model (`num_frames` > 1) takes N C T H W clips at every level. Inside, frames are folded into the batch
+so the 2-D layers run per frame; stages with more than one frame add temporal attention, and the stages of a
+"time" level halve the frames instead of the side. Its one-frame levels are exactly an image model's levels
+(same modules, same keys), so a trained image model loads into them.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from mdm.config import ModelConfig, UNetConfig
 from mdm.models.blocks import (
     Attention1D,
     Attention2D,
-    LevelBlock,
+    ResNet,
     TextBlock,
     sinusoidal_embedding,
     timestep_frequencies,
     zero_,
 )
 from mdm.models.conditioning import Conditioning
+from mdm.models.temporal import TemporalAttention, TemporalDownsample, TemporalUpsample, fold, unfold
 
 
 def _embed_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -32,15 +38,100 @@ def _embed_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+class LevelBlock(nn.Module):
+    """One stage of a UNet path: ResNets (each followed by its attention layers), then optional resampling.
+
+    On the up path each ResNet first concatenates [x, skip]. Returns the output and every recorded activation
+    (after each ResNet+attention, and after resampling), which the down path hands to the up path as skips.
+    With `frames` > 1, x holds (N T) frames: the time embedding, context and mask (N rows) are repeated per frame,
+    temporal attention (when enabled) follows each ResNet's attention layers, and a "time" block resamples frames.
+    """
+
+    def __init__(
+        self,
+        widths: list[tuple[int, int]],
+        temb_dim: int,
+        groups: int,
+        dropout: float,
+        attn_layers: int,
+        heads: int,
+        context_dim: int,
+        ffn: bool,
+        resample: str | None,
+        fp32_islands: bool,
+        frames: int = 1,
+        resample_axis: str = "space",
+        temporal_attention: bool = False,
+        frame_positions: str = "rotary",
+    ) -> None:
+        super().__init__()
+        self.fp32_islands = fp32_islands
+        self.attn_layers = attn_layers
+        self.frames = frames
+        self.resnets = nn.ModuleList(ResNet(ci, co, temb_dim, groups, dropout) for ci, co in widths)
+        if attn_layers > 0:
+            self.attn = nn.ModuleList(
+                Attention2D(co, heads, context_dim, ffn, fp32_islands) for _, co in widths for _ in range(attn_layers)
+            )
+        self.temporal_attn = (
+            nn.ModuleList(TemporalAttention(co, heads, frames, frame_positions, ffn, fp32_islands) for _, co in widths)
+            if temporal_attention and frames > 1
+            else None
+        )
+        self.resample_mode = resample
+        self.resample_axis = resample_axis
+        if resample is not None:
+            c = widths[-1][1]
+            if resample_axis == "time":
+                self.resample = (TemporalDownsample if resample == "down" else TemporalUpsample)(c, frames)
+            else:
+                self.resample = nn.Conv2d(c, c, 3, stride=2 if resample == "down" else 1, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        skips: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.frames > 1:
+            temb = temb.repeat_interleave(self.frames, dim=0)
+            context = None if context is None else context.repeat_interleave(self.frames, dim=0)
+            mask = None if mask is None else mask.repeat_interleave(self.frames, dim=0)
+        acts = []
+        for r, resnet in enumerate(self.resnets):
+            if skips is not None:
+                x = torch.cat([x, skips[-1 - r]], dim=1)
+            x = resnet(x, temb)
+            for j in range(self.attn_layers):
+                x = self.attn[r * self.attn_layers + j](x, context, mask)
+            if self.temporal_attn is not None:
+                x = self.temporal_attn[r](x)
+            acts.append(x)
+        if self.resample_mode == "up" and self.resample_axis == "space":
+            if self.fp32_islands and x.dtype == torch.float64:
+                x = F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype)
+            else:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.resample_mode is not None:
+            x = self.resample(x)
+            acts.append(x)
+        return x, acts
+
+
 class NestedUNet(nn.Module):
     """Denoiser over a pyramid: `unet(z_levels, t, cond) -> predictions`, lists highest resolution first."""
 
-    def __init__(self, config: ModelConfig, level: UNetConfig | None = None, nested: bool = False) -> None:
+    def __init__(
+        self, config: ModelConfig, level: UNetConfig | None = None, nested: bool = False, frames: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         level = config.unet if level is None else level
         self.level = level
         self.nested = nested
+        self.frames = config.num_frames if frames is None else frames  # frames this level takes (1: an image level)
         self.innermost = level.inner is None
         islands = config.fp32_islands
         ctx = config.context_dim()
@@ -86,7 +177,15 @@ class NestedUNet(nn.Module):
         self.mid_blocks = None  # innermost bottleneck: ResNet + attention, then ResNet (optional)
         if self.innermost and level.mid_blocks is not False:
             mid = dict(
-                widths=[(c, c)], temb_dim=temb, groups=groups, dropout=drop, heads=level.num_heads, resample=None
+                widths=[(c, c)],
+                temb_dim=temb,
+                groups=groups,
+                dropout=drop,
+                heads=level.num_heads,
+                resample=None,
+                frames=self._stage_frames(n - 1),
+                temporal_attention=level.temporal_attention,
+                frame_positions=config.frame_positions,
             )
             self.mid_blocks = nn.ModuleList(
                 [
@@ -95,7 +194,7 @@ class NestedUNet(nn.Module):
                 ]
             )
         if not self.innermost:
-            self.inner_unet = NestedUNet(config, level.inner, nested=True)
+            self.inner_unet = NestedUNet(config, level.inner, nested=True, frames=self._stage_frames(n - 1))
             inner_c0 = level.inner.channels[0]
             self.in_adapter = zero_(nn.Conv2d(c, inner_c0, 3, padding=1))
             self.out_adapter = zero_(nn.Conv2d(inner_c0, c, 3, padding=1))
@@ -125,7 +224,15 @@ class NestedUNet(nn.Module):
             ffn=lv.attention_ffn,  # feed-forward after each attention
             resample=resample,  # "down", "up" or None
             fp32_islands=self.config.fp32_islands,  # float32 x2 upsampling and softmax
+            frames=self._stage_frames(stage),  # frames at this stage, folded into the batch
+            resample_axis=lv.resample,  # the axis `resample` halves or doubles: "space" or "time"
+            temporal_attention=lv.temporal_attention,  # attention over frames after each ResNet (> 1 frame)
+            frame_positions=self.config.frame_positions,  # how that attention sees frame order
         )
+
+    def _stage_frames(self, stage: int) -> int:
+        """Frames at `stage` of this level: a time level halves them per stage, a space level keeps them."""
+        return self.frames // 2**stage if self.level.resample == "time" else self.frames
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -145,7 +252,7 @@ class NestedUNet(nn.Module):
         for module in self.modules():
             if isinstance(module, NestedUNet):
                 module.config = dataclasses.replace(module.config, fp32_islands=enabled)
-            elif isinstance(module, (Attention1D, Attention2D, LevelBlock)):
+            elif isinstance(module, (Attention1D, Attention2D, LevelBlock, TemporalAttention)):
                 module.fp32_islands = enabled
 
     def _sinusoid_mlp(self, values: torch.Tensor, l1: nn.Linear, l2: nn.Linear) -> torch.Tensor:
@@ -218,14 +325,19 @@ class NestedUNet(nn.Module):
         micro: dict[str, torch.Tensor],
         feat: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Denoise this level and everything inside it; returns predictions and pre-`norm_out` features."""
+        """Denoise this level and everything inside it; returns predictions and pre-`norm_out` features.
+
+        Clips arrive folded, (N T) C H W per level; `t`, `cemb`, `ctx` and `mask` have one row per sample."""
         temb = self._time_embedding(t, micro)
         if cemb is not None:
             temb = temb + cemb
         z = zs[0]
-        bh = z.shape[0]
-        if self.level.normalize_input:
+        bh = z.shape[0] // self.frames  # samples at this level (lower levels may have more)
+        if self.level.normalize_input and self.frames == 1:
             z = z / z.std(dim=(1, 2, 3), keepdim=True)
+        elif self.level.normalize_input:
+            clips = z.unflatten(0, (bh, self.frames))
+            z = (clips / clips.std(dim=(1, 2, 3, 4), keepdim=True)).flatten(0, 1)
         x = self.conv_in(z.to(self.conv_in.weight.dtype))
         if feat is not None:
             x = x + feat
@@ -242,11 +354,11 @@ class NestedUNet(nn.Module):
                 x, _ = self._run(block, x, temb_h, ctx_h, mask_h)
         else:
             a = self.in_adapter(x)
-            bl = zs[1].shape[0]
-            if bl > bh:
-                a = torch.cat([a, a.new_zeros(bl - bh, *a.shape[1:])])
+            own, bl = a.shape[0], zs[1].shape[0]
+            if bl > own:
+                a = torch.cat([a, a.new_zeros(bl - own, *a.shape[1:])])
             lower, inner_feat = self.inner_unet._denoise(zs[1:], t, cemb, ctx, mask, micro, a)
-            x = x + self.out_adapter(inner_feat)[:bh]
+            x = x + self.out_adapter(inner_feat)[:own]
         for block in self.up_blocks:
             k = len(block.resnets)
             x, _ = self._run(block, x, temb_h, ctx_h, mask_h, skips[-k:])
@@ -262,22 +374,27 @@ class NestedUNet(nn.Module):
     ) -> list[torch.Tensor]:
         """Predict every level from the noisy pyramid `z_levels` (highest first) at network time input `t`.
 
-        Lower levels may carry more rows than higher ones (mixed-resolution batches): level l then denoises
-        the first rows only, and `t` and `cond` follow the largest batch.
+        Images are (B, C, H, W) per level; a video model's levels are (B, C, T, H, W), T its configured frames
+        (1 at image levels). Lower levels may carry more rows than higher ones (mixed-resolution batches): level
+        l then denoises the first rows only, and `t` and `cond` follow the largest batch.
         """
         if self.nested:
             raise RuntimeError("call the outermost NestedUNet, not an inner level")
         zs = [z_levels] if isinstance(z_levels, torch.Tensor) else list(z_levels)
-        sizes = self.config.level_sizes()
+        shapes = self.config.level_shapes()
+        sizes = [side for _, side in shapes]
         if len(zs) != len(sizes):
             raise ValueError(
                 f"expected {len(sizes)} levels (sides {sizes} for image_size {self.config.image_size}), got {len(zs)}"
             )
         ratio = [sizes[i] // sizes[-1] for i in range(len(sizes))]
         base = zs[-1].shape[-1]
-        for i, z in enumerate(zs):
-            if z.dim() != 4 or z.shape[1] != self.config.in_channels:
-                raise ValueError(f"level {i} must be (B, {self.config.in_channels}, H, W), got {tuple(z.shape)}")
+        video, c = self.config.is_video(), self.config.in_channels
+        for i, (z, (frames, _)) in enumerate(zip(zs, shapes, strict=True)):
+            if video and (z.dim() != 5 or z.shape[1] != c or z.shape[2] != frames):
+                raise ValueError(f"level {i} must be (B, {c}, {frames}, H, W) (a video model), got {tuple(z.shape)}")
+            if not video and (z.dim() != 4 or z.shape[1] != c):
+                raise ValueError(f"level {i} must be (B, {c}, H, W), got {tuple(z.shape)}")
             if z.shape[-1] != base * ratio[i] or z.shape[-2] != zs[-1].shape[-2] * ratio[i]:
                 raise ValueError(
                     f"level {i} has side {tuple(z.shape[-2:])}; sides must keep the ratios {ratio} "
@@ -293,5 +410,7 @@ class NestedUNet(nn.Module):
             raise ValueError(f"t must be a scalar or shape ({batch},), got {tuple(t.shape)}")
         cemb, ctx, mask = self.levels()[-1]._condition(cond, batch)
         micro = {} if cond is None else cond.micro
-        outs, _ = self._denoise(zs, t, cemb, ctx, mask, micro)
-        return outs
+        if not video:
+            return self._denoise(zs, t, cemb, ctx, mask, micro)[0]
+        outs, _ = self._denoise([fold(z) for z in zs], t, cemb, ctx, mask, micro)
+        return [unfold(o, frames) for o, (frames, _) in zip(outs, shapes, strict=True)]
