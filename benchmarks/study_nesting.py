@@ -7,12 +7,13 @@ Run from the repository root on a quiet machine:
 
 For each seed it trains (a) the demo preset's MDM (a 16 px base phase, then the 32/16 nested phase) and (b) a
 single-level 32 px UNet of about the same size and step cost (same conditioning, optimiser and EMA), each for the
-same training time. A short calibration measures seconds per step of every phase, which sets each phase's length
-(the MDM keeps the preset's 850:200 step ratio) so that training ends near `--minutes`. At `--evals` equally spaced
-points of the budget the clock stops and `--num` EMA samples (round-robin classes, the preset's sampling settings)
-are scored by the oracle: Fréchet distance in its feature space and class accuracy. MDM points that fall in its base
-phase are skipped (it has no 32 px model yet). Prints a markdown table (then mean ± std over seeds at the end) and
-writes `results.json` and `study.png` (oracle FD against training time) under `--out`.
+same training time, stopped on the clock (`Trainer.fit(max_seconds=...)`). A short calibration measures seconds per
+step of every phase, which sets each phase's length (the MDM keeps the preset's step ratio; the last phase is planned
+longer than the budget, so the clock ends it). At `--evals` equally spaced points of the budget the clock stops and
+`--num` EMA samples (round-robin classes, the preset's sampling settings) are scored by the oracle: Fréchet
+distance in its feature space and class accuracy. MDM points that fall in its base phase are skipped (it has no
+32 px model yet). Prints a markdown table (then mean ± std over seeds at the end) and writes `results.json` and
+`study.png` (oracle FD against training time) under `--out`.
 
 The single-level baseline gets the schedule MDM's 32 px level has: the cosine SNR shifted as if relative to a 16 px
 base (`diffusion.shift_base_size=16`: SNR / 2 with the preset's shift_power 1).
@@ -27,9 +28,7 @@ import shutil
 import statistics
 import sys
 import time
-from bisect import bisect_left
 from dataclasses import asdict, dataclass, replace
-from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -48,6 +47,7 @@ SINGLE_UNET = (
 )
 MODELS = {"mdm": "MDM 32/16 (nested, progressive)", "single": "single-level 32 px UNet (shifted schedule)"}
 CALIBRATION_STEPS = 6
+OVERRUN = 1.3  # the last phase's planned length over the calibrated one: the clock ends it first
 
 
 @dataclass(frozen=True)
@@ -96,40 +96,37 @@ def seconds_per_step(cfg: MDMConfig, workdir: Path) -> list[float]:
 
 
 def plan(cfg: MDMConfig, budget: float, per_step: list[float]) -> MDMConfig:
-    """Phase lengths that fill `budget` seconds at the measured step costs, keeping the phases' step ratio."""
+    """Phase lengths that fill `budget` seconds at the measured step costs, keeping the phases' step ratio; the
+    last phase is planned OVERRUN times longer so that the clock, not the step count, ends the run."""
     phases = cfg.train.phases
     scale = budget / sum(ph.steps * s for ph, s in zip(phases, per_step, strict=True))
-    for ph in phases:
-        steps = max(2, round(ph.steps * scale))
+    for i, ph in enumerate(phases):
+        steps = max(2, round(ph.steps * scale * (OVERRUN if i == len(phases) - 1 else 1)))
         ph.freeze_inner_steps = min(steps, round(ph.freeze_inner_steps * steps / ph.steps))
         ph.steps = steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, min(ph.steps for ph in phases) // 4))
     return cfg.validate("study plan")
 
 
-def eval_steps(cfg: MDMConfig, per_step: list[float], evals: int) -> dict[int, int]:
-    """Evaluation point k -> the step at which the planned training time first reaches k / evals of the plan
-    (k = 1..evals), without points before the last phase (the model has no top-level output yet)."""
-    phases = cfg.train.phases
-    elapsed = list(accumulate(s for ph, s in zip(phases, per_step, strict=True) for _ in range(ph.steps)))
-    top_start = sum(ph.steps for ph in phases[:-1])
-    targets = {bisect_left(elapsed, elapsed[-1] * k / evals * (1 - 1e-9)) + 1: k for k in range(evals, 0, -1)}
-    return {k: step for step, k in sorted(targets.items()) if step > top_start}
-
-
 def train_and_score(
     model: str, seed: int, args: argparse.Namespace, oracle: Oracle, out: Path
 ) -> tuple[list[Point], dict]:
-    """Calibrate, plan and train one model, pausing at each evaluation step to score N EMA samples."""
+    """Calibrate, plan and train one model on the clock, pausing at each evaluation time to score N EMA samples.
+
+    Evaluation point k stops the clock at k / evals of the budget; points that fall in the MDM's base phase
+    are skipped (it has no top-level output yet). Sampling and scoring are not counted as training time."""
     cfg = base_config(model, seed, args.quick)
     per_step = seconds_per_step(cfg, out / f"calibrate-{model}-{seed}")
-    cfg = plan(cfg, args.minutes * 60, per_step)
+    budget = args.minutes * 60
+    cfg = plan(cfg, budget, per_step)
     trainer = Trainer(cfg, out / f"{model}-seed{seed}", progress=False)
     points, seconds = [], 0.0
-    for k, step in eval_steps(cfg, per_step, args.evals).items():
+    for k in range(1, args.evals + 1):
         start = time.perf_counter()
-        trainer.fit(step)
+        trainer.fit(max_seconds=budget * k / args.evals - seconds)
         seconds += time.perf_counter() - start
+        if trainer.phase.index < len(cfg.train.phases) - 1:
+            continue
         pipe = trainer.ema_pipeline()
         report = evaluate_model(
             pipe,
@@ -140,7 +137,7 @@ def train_and_score(
             batch_size=args.batch_size,
             progress=not args.quick,
         )
-        o = report.oracle
+        o, step = report.oracle, trainer.state.step
         points.append(Point(model, seed, k, seconds, step, o.fd, o.accuracy, o.floor))
         print(f"  {model} seed {seed}: {seconds:7.1f} s, step {step}: oracle FD {o.fd:.4f}, accuracy {o.accuracy:.3f}")
     params = sum(p.numel() for p in trainer.phase.net.parameters())

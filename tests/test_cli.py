@@ -93,6 +93,8 @@ def test_demo_trains_both_phases_and_writes_the_class_grid(tmp_path, capsys):
 def test_train_stop_resume_then_sample_by_class_name(tmp_path, capsys):
     run = str(tmp_path / "run")
     args = ["train", "--preset", "demo", "--out", run, "--quiet", *TINY_DEMO]
+    assert main([*args, "--max-minutes", "0"]) == 2
+    assert "--max-minutes must be > 0" in capsys.readouterr().err
     assert main([*args, "--max-steps", "3"]) == 0
     assert "stopped at step 3" in capsys.readouterr().out
     assert main(args) == 2

@@ -76,6 +76,16 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path) -> Non
     assert log_a == log_b
 
 
+def test_a_clock_stop_checkpoints_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 2), (2, 3)), keep_checkpoints=10)
+    Trainer(cfg, tmp_path / "a", progress=False).fit()
+    stopped = Trainer(cfg, tmp_path / "b", progress=False)
+    assert stopped.fit(max_seconds=0.0) is None  # the clock has run out after the first step
+    assert stopped.state.step == 1 and checkpoint.resolve(tmp_path / "b").name == "step_0000001"
+    assert Trainer(cfg, tmp_path / "b", resume="latest", progress=False).fit(max_seconds=3600.0) is not None
+    assert_equal_states(weights(tmp_path / "a", 5)["model"], weights(tmp_path / "b", 5)["model"])
+
+
 def test_run_outputs_model_samples_curve_and_phase_models(tmp_path: Path) -> None:
     cfg = train_config()
     Trainer(cfg, tmp_path, progress=False).fit()
@@ -499,3 +509,16 @@ def test_bf16_autocast_on_cpu_tracks_fp32_and_keeps_float32_weights(tmp_path: Pa
         assert {v.dtype for part in stored for v in part.values()} == {torch.float32}
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=0.02, atol=0)
     assert not torch.equal(losses["bf16"], losses["fp32"]), "bf16 autocast was not in effect"
+
+
+def test_channels_last_training_matches_the_default_layout_and_saves_plain_tensors(tmp_path: Path) -> None:
+    """train.channels_last changes the memory format only: the same losses (to float rounding), and the saved
+    weights load into a default-layout model."""
+    losses = {}
+    for name, cl in (("default", False), ("cl", True)):
+        Trainer(train_config(phases=((1, 3), (2, 3)), channels_last=cl), tmp_path / name, progress=False).fit()
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(losses["cl"]), torch.tensor(losses["default"]), rtol=1e-4, atol=1e-6)
+    state = load_file(tmp_path / "cl/final/model.safetensors")
+    assert all(v.is_contiguous() for v in state.values())
+    MDMPipeline.from_pretrained(tmp_path / "cl/final")

@@ -140,10 +140,13 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ConfigError(f"--max-minutes must be > 0, got {args.max_minutes}")
     cfg = _load_run_config(args)
     trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
     try:
-        final = trainer.fit(max_steps=args.max_steps)
+        seconds = None if args.max_minutes is None else 60 * args.max_minutes
+        final = trainer.fit(max_steps=args.max_steps, max_seconds=seconds)
     finally:
         from mdm.distributed import cleanup
 
@@ -334,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     t.add_argument("--init-inner-from", default=None, help="model directory whose weights seed the inner levels")
     t.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this step")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much training")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)

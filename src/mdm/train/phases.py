@@ -139,6 +139,8 @@ def build_phase(
     prefix = "inner_unet." * (spec.levels - carried_levels)
     carried = [n for n, _ in net.named_parameters() if carried_levels and n.startswith(prefix)]
     net.to(env.device).train()
+    if tc.channels_last:
+        net.to(memory_format=torch.channels_last)
     if tc.compile:
         net.compile()
     blocks = [b for level in net.levels() for b in [*level.down_blocks, *level.up_blocks]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -212,13 +213,15 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------------------------------------------
-    def fit(self, max_steps: int | None = None) -> Path | None:
-        """Train to the end of the last phase (or to step `max_steps`, then checkpoint and stop).
+    def fit(self, max_steps: int | None = None, max_seconds: float | None = None) -> Path | None:
+        """Train to the end of the last phase (or to step `max_steps`, or for `max_seconds` of this call's wall
+        clock, then checkpoint and stop).
 
         Returns the final model directory (EMA weights) once every phase is done, else None.
         """
         tc, state = self.cfg.train, self.state
         stop = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
 
         # Resume: weights, optimizer, RNG, data position; redo a phase's outputs a crash interrupted
         if self._resume is not None:
@@ -244,6 +247,8 @@ class Trainer:
                 stats = train_step(ph, state, self.env, self.conditioner, lr, self.bf16)
                 self.log.add(stats, ph.batch_size * tc.grad_accum * self.env.world, lr)
                 bar.update(1)
+                if deadline is not None and self._any_rank(time.monotonic() >= deadline):
+                    stop = state.step  # out of time: log and checkpoint this step, then return
 
                 # Log, checkpoint and sample at their intervals (and always at phase ends)
                 phase_end = state.step == ph.end
@@ -262,6 +267,10 @@ class Trainer:
         finally:
             bar.close()
         return self.out / "final" if state.step == self.total_steps else None
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` holds on any rank, so that every rank stops at the same step."""
+        return bool(distributed.reduce_to_cpu(torch.tensor([float(flag)]), "max").item())
 
     # ------------------------------------------------------------------------------------------------------
     def ema_pipeline(self, state: dict[str, torch.Tensor] | None = None) -> MDMPipeline:
