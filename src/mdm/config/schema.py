@@ -221,17 +221,20 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    """Where training images come from and how they are read."""
+    """Where training images (or clips) come from and how they are read."""
 
-    dataset: Literal["shapes", "folder", "shards"] = field(
+    dataset: Literal["shapes", "folder", "shards", "moving_shapes", "video_folder"] = field(
         default="shapes",
         metadata={
-            "help": "shapes (built in), folder (class subfolders / metadata.jsonl / .txt) or shards (tar or ml-mdm TSV)"
+            "help": "shapes (built in), folder (class subfolders / metadata.jsonl / .txt), shards (tar or ml-mdm "
+            "TSV); video: moving_shapes (built in), video_folder (clips or frame folders, laid out as folder)"
         },
     )
     path: str | None = field(
         default=None,
-        metadata={"help": "folder: the image folder; shards: a .tar, directory, glob, {a..b} pattern or ml-mdm .tsv"},
+        metadata={
+            "help": "folder / video_folder: the folder; shards: a .tar, directory, glob, {a..b} pattern or ml-mdm .tsv"
+        },
     )
     crop: Literal["center", "random"] = field(default="center", metadata={"help": "folder: square crop"})
     flip: bool = field(default=False, metadata={"help": "folder: random horizontal flips"})
@@ -240,13 +243,22 @@ class DataConfig:
     max_bad_fraction: float = field(
         default=0.01, metadata={"help": "stop when more than this share of read samples was unusable"}
     )
-    num_samples: int = field(default=100_000, metadata={"help": "shapes: images per epoch (any size works)"})
+    num_samples: int = field(
+        default=100_000, metadata={"help": "shapes / moving_shapes: images or clips per epoch (any size works)"}
+    )
     shapes: list[str] = field(
         default_factory=lambda: ["circle", "square", "triangle", "cross"],
         metadata={"help": "shapes: the shape vocabulary; class = shape x colour"},
     )
     colors: list[str] = field(
         default_factory=lambda: ["red", "green", "blue"], metadata={"help": "shapes: the colour vocabulary"}
+    )
+    motions: list[str] = field(
+        default_factory=lambda: ["left", "right", "up", "down", "grow", "shrink", "still"],
+        metadata={"help": "moving_shapes: the motion vocabulary (the frames come from model.num_frames)"},
+    )
+    frame_stride: int = field(
+        default=1, metadata={"help": "video_folder: take every n-th frame of a clip (model.num_frames of them)"}
     )
     seed: int = field(default=0, metadata={"help": "data seed: the images and the shuffling order"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank"})

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from mdm.config.parse import ConfigError
 from mdm.config.ratios import mixed_rows
+from mdm.data.moving_shapes import MOTIONS
 
 if TYPE_CHECKING:
     from mdm.config.schema import MDMConfig, UNetConfig
@@ -197,4 +198,8 @@ def _data(cfg: MDMConfig, rule: _Rules) -> None:
     rule(data.min_size >= 0, "data.min_size", f"must be >= 0, got {data.min_size}")
     rule(data.max_pixels >= 1, "data.max_pixels", f"must be >= 1, got {data.max_pixels}")
     rule(0 <= data.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
-    rule(data.dataset == "shapes" or bool(data.path), "data.path", f"is required for data.dataset = {data.dataset}")
+    rule(data.dataset in ("shapes", "moving_shapes") or bool(data.path), "data.path", f"is required for data.dataset = {data.dataset}")
+    rule(data.frame_stride >= 1, "data.frame_stride", f"must be >= 1, got {data.frame_stride}")
+    unknown = [m for m in data.motions if m not in MOTIONS]
+    rule(not unknown, "data.motions", f"has unknown motions {unknown}; expected names from {list(MOTIONS)}")
+    rule(bool(data.motions) and len(set(data.motions)) == len(data.motions), "data.motions", f"must be distinct and not empty, got {data.motions}")

@@ -1,4 +1,5 @@
-"""`mdm data check`: what a folder, tar shards or an ml-mdm TSV hold and every unusable sample, before a run starts."""
+"""`mdm data check`: what a folder, a video folder, tar shards or an ml-mdm TSV hold and every unusable sample, before
+a run starts."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from tqdm.auto import tqdm
 
 from mdm.data.folder import BadSample, FolderDataset, ReadOptions, image_files, load_image, require_int
 from mdm.data.shards import ShardDataset
+from mdm.data.video import VideoFolderDataset
 
 SIDE_BINS = (64, 128, 256, 512, 1024)
 
 
 @dataclass
 class Report:
-    """Counts, the shorter-side histogram, caption word counts and the problems of a dataset.
+    """Counts, the shorter-side histogram, caption word counts, frames per clip (video folders) and the problems of
+    a dataset.
 
     `class_names` are the dataset's classes (what training uses); `classes` counts the samples of each."""
 
@@ -29,6 +32,7 @@ class Report:
     classes: Counter = field(default_factory=Counter)
     sides: Counter = field(default_factory=Counter)
     words: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -51,6 +55,11 @@ class Report:
             )
         else:
             out.append("captions: none")
+        if self.frames:
+            out.append(
+                f"frames per usable clip: min {min(self.frames)} / median {statistics.median(self.frames):g} / "
+                f"max {max(self.frames)}"
+            )
         out.extend(f"problem: {p}" for p in self.problems)
         return out
 
@@ -62,16 +71,31 @@ def is_image_folder(path: Path) -> bool:
     return (path / "metadata.jsonl").is_file() or not any(path.glob("*.tar")) or bool(image_files(path))
 
 
-def check_data(path: str | Path, min_size: int = 0, max_pixels: int = 89_478_485, progress: bool = True) -> Report:
-    """Open every sample of an image folder, tar shards or an ml-mdm TSV the way training would and report it.
+def check_data(
+    path: str | Path,
+    min_size: int = 0,
+    max_pixels: int = 89_478_485,
+    progress: bool = True,
+    num_frames: int | None = None,
+    frame_stride: int = 1,
+) -> Report:
+    """Open every sample of an image folder, tar shards, an ml-mdm TSV or (with `num_frames`) a video folder the way
+    training would and report it.
 
-    `path` is an image folder, or anything `data.path` accepts for shards (.tar, directory, glob, brace pattern, .tsv).
-    A malformed dataset raises DataError (a ValueError) naming the file; unusable samples are the report's problems.
+    `path` is an image folder, or anything `data.path` accepts for shards (.tar, directory, glob, brace pattern, .tsv);
+    with `num_frames` it is a video folder whose clips must give `num_frames` frames `frame_stride` apart (shorter
+    clips are problems). A malformed dataset raises DataError (a ValueError) naming the file; unusable samples are
+    the report's problems.
     """
     options = ReadOptions(
         max(1, require_int(min_size, "min_size", 0)), max_pixels=require_int(max_pixels, "max_pixels", 1)
     )
-    ds = FolderDataset(path, options) if is_image_folder(Path(path)) else ShardDataset(str(path), options)
+    if num_frames is not None:
+        ds = VideoFolderDataset(path, options, num_frames, frame_stride)
+    elif is_image_folder(Path(path)):
+        ds = FolderDataset(path, options)
+    else:
+        ds = ShardDataset(str(path), options)
     report = Report(Path(path), ds.layout, samples=len(ds), class_names=list(ds.class_names))
     for index in tqdm(range(len(ds)), desc="check", disable=not progress):
         try:
@@ -80,7 +104,12 @@ def check_data(path: str | Path, min_size: int = 0, max_pixels: int = 89_478_485
                 report.classes[ds.class_names[label]] += 1
             if caption:
                 report.words.append(len(caption.split()))
-            image = load_image(name, ds.options.smallest, max_pixels, ds.read(index))
+            if isinstance(ds, VideoFolderDataset):
+                frames, count = ds.frames(index)
+                report.frames.append(count)
+                image = frames[0]
+            else:
+                image = load_image(name, ds.options.smallest, max_pixels, ds.read(index))
         except BadSample as e:
             report.problems.append(str(e))
             continue

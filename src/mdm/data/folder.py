@@ -110,7 +110,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # What PIL's decoders raise for corrupt or hostile files (besides OSError), so that a bad file is a bad sample.
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     OSError,
     ValueError,
     SyntaxError,
@@ -141,7 +141,7 @@ def open_image(name: str, data: bytes, max_pixels: int) -> Iterator[Image.Image]
         raise
     except UnidentifiedImageError:
         raise BadSample(f"{name}: not a readable image (not in any format PIL knows)") from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise BadSample(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -264,8 +264,8 @@ class ImageDataset(Dataset):
         raise DataError(f"data.path: none of the {len(self.items)} samples is usable (run `mdm data check`)")
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every image file below `root`, sorted, skipping names that start with '.'.
+def image_files(root: Path, suffixes: set[str] | frozenset[str] = frozenset(IMAGE_SUFFIXES)) -> list[Path]:
+    """Every image file (name ending in one of `suffixes`) below `root`, sorted, skipping names that start with '.'.
 
     A symlinked folder is followed when its real path is inside `root` (once per branch, so links cannot loop)
     and refused with DataError otherwise; symlinked files are listed, and checked when read.
@@ -292,7 +292,7 @@ def image_files(root: Path) -> list[Path]:
                     )
                 if target not in above:
                     visit(path, target, above | {target})
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            elif Path(entry.name).suffix.lower() in suffixes:
                 found.append(path)
 
     visit(root, real_root, frozenset({real_root}))
@@ -310,6 +310,8 @@ class _Item(NamedTuple):
 
 class FolderDataset(ImageDataset):
     """Images (and captions / labels) from a folder in one of the three layouts above."""
+
+    what, looked_for = "images", str(sorted(IMAGE_SUFFIXES))  # what `files` lists, for the error of an empty folder
 
     def __init__(self, root: str | Path, options: ReadOptions) -> None:
         self.root = Path(root)
@@ -329,15 +331,24 @@ class FolderDataset(ImageDataset):
                 else "flat folder with sidecar captions"
             )
         if not self.items:
-            raise DataError(f"data.path: no images found in {self.root} (looked for {sorted(IMAGE_SUFFIXES)})")
+            raise DataError(f"data.path: no {self.what} found in {self.root} (looked for {self.looked_for})")
 
-    def _bytes(self, path: Path) -> bytes:
-        """The contents of the regular file `path`; BadSample when it is missing, unreadable or outside the folder."""
+    def files(self) -> list[Path]:
+        """The samples below the root of a folder without a metadata.jsonl, sorted."""
+        return image_files(self.root)
+
+    def checked(self, path: Path) -> Path:
+        """The real path of `path` (a file or folder); BadSample when it is missing or outside the folder."""
         real = Path(os.path.realpath(path))
         if not real.is_relative_to(self.real_root):
             raise BadSample(f"{path}: outside the data folder {self.root} (it resolves to {real}); not read")
         if not os.path.exists(real):
             raise BadSample(f"{path}: listed but missing")
+        return real
+
+    def _bytes(self, path: Path) -> bytes:
+        """The contents of the regular file `path`; BadSample when it is missing, unreadable or outside the folder."""
+        real = self.checked(path)
         if not os.path.isfile(real):
             raise BadSample(f"{path}: not a regular file")
         try:
@@ -361,7 +372,7 @@ class FolderDataset(ImageDataset):
 
     def _walk(self) -> tuple[list[_Item], list[str]]:
         """Class folders (when no image lies directly in the root) or a flat folder."""
-        images = image_files(self.root)
+        images = self.files()
         tops = [path.relative_to(self.root).parts for path in images]
         classed = bool(images) and all(len(parts) > 1 for parts in tops)
         names = sorted({parts[0] for parts in tops}) if classed else []

@@ -16,20 +16,38 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mdm.config import DataConfig
 from mdm.data.folder import FolderDataset, ReadOptions
+from mdm.data.moving_shapes import MovingShapesDataset
 from mdm.data.shapes import ShapesDataset
 from mdm.data.shards import ShardDataset
+from mdm.data.video import VideoFolderDataset
+
+VIDEO_DATASETS = ("moving_shapes", "video_folder")
 
 
-def build_dataset(config: DataConfig, image_size: int, need_captions: bool = False) -> Dataset:
-    """The dataset named by `config.dataset` at `image_size`."""
-    if config.dataset == "shapes":
-        return ShapesDataset(image_size, config.num_samples, config.shapes, config.colors, config.seed)
-    if config.dataset in ("folder", "shards"):
-        kind = FolderDataset if config.dataset == "folder" else ShardDataset
-        c = config
-        options = ReadOptions(image_size, c.crop, c.flip, c.seed, c.min_size, c.max_pixels, need_captions)
-        return kind(config.path, options)
-    raise ValueError(f"data.dataset: unknown dataset {config.dataset!r}")
+def build_dataset(
+    config: DataConfig, image_size: int, need_captions: bool = False, num_frames: int | None = None
+) -> Dataset:
+    """The dataset named by `config.dataset` at `image_size`; the video datasets give clips of `num_frames`
+    frames (the model's `model.num_frames`, or a phase's level), items with 'video' (3, T, S, S)."""
+    c = config
+    video = c.dataset in VIDEO_DATASETS
+    if video and num_frames is None:
+        raise ValueError(f"data.dataset = {c.dataset} gives clips: build it with num_frames (model.num_frames)")
+    if not video and num_frames not in (None, 1):
+        raise ValueError(
+            f"data.dataset = {c.dataset} gives images, but {num_frames} frames were asked for "
+            f"(model.num_frames); video models train on {' or '.join(VIDEO_DATASETS)}"
+        )
+    if c.dataset == "shapes":
+        return ShapesDataset(image_size, c.num_samples, c.shapes, c.colors, c.seed)
+    if c.dataset == "moving_shapes":
+        return MovingShapesDataset(image_size, num_frames, c.num_samples, c.shapes, c.colors, c.motions, c.seed)
+    options = ReadOptions(image_size, c.crop, c.flip, c.seed, c.min_size, c.max_pixels, need_captions)
+    if c.dataset == "video_folder":
+        return VideoFolderDataset(c.path, options, num_frames, c.frame_stride)
+    if c.dataset in ("folder", "shards"):
+        return (FolderDataset if c.dataset == "folder" else ShardDataset)(c.path, options)
+    raise ValueError(f"data.dataset: unknown dataset {c.dataset!r}")
 
 
 def dataset_captions(dataset: Dataset) -> list[str]:
@@ -78,14 +96,19 @@ class _Positioned(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images, labels and positions; captions stay a list; 'skipped' sums the unusable samples passed over."""
-    return {
+    """Stack images (or clips: 'video', N C T H W), labels, motions (moving_shapes) and positions; captions stay a
+    list; 'skipped' sums the unusable samples passed over."""
+    pixels = "video" if "video" in items[0] else "image"
+    batch = {
         "skipped": sum(it.get("skipped", 0) for it in items),
-        "image": torch.stack([it["image"] for it in items]),
+        pixels: torch.stack([it[pixels] for it in items]),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "caption": [it["caption"] for it in items],
         "position": torch.tensor([it["position"] for it in items], dtype=torch.long),
     }
+    if "motion" in items[0]:
+        batch["motion"] = torch.tensor([it["motion"] for it in items], dtype=torch.long)
+    return batch
 
 
 def make_loader(

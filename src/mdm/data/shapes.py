@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
 
 SDF = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
@@ -39,6 +40,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = ("small", "medium", "large")
 RADIUS = (0.2, 0.42)  # shape radius range as a fraction of the side; thirds of it are the named sizes
+EXTENT = 1.25  # every shape, rotated, lies within this many radii of its centre (the triangle reaches 1.21)
 
 
 def _box(x: np.ndarray, y: np.ndarray, hx: float, hy: float) -> np.ndarray:
@@ -125,30 +127,76 @@ class Scene:
         return f"a {self.size} {self.color} {self.shape} {where} on a {self.background} background"
 
 
-class ShapesDataset(Dataset):
-    """`num_samples` procedural images at `image_size`; class = shape x colour (shape-major)."""
+def _span(centre: float, reach: float, size: int) -> tuple[int, int]:
+    """The pixels [lo, hi) of a side of `size` within `reach` of `centre` (both in units of the side)."""
+    return max(0, math.floor((centre - reach) * size)), min(size, math.ceil((centre + reach) * size))
 
-    def __init__(
-        self,
-        image_size: int,
-        num_samples: int = 100_000,
-        shapes: list[str] | None = None,
-        colors: list[str] | None = None,
-        seed: int = 0,
-    ) -> None:
+
+def render_frames(scene: Scene, size: int, cx: ArrayLike, cy: ArrayLike, radius: ArrayLike) -> torch.Tensor:
+    """The scene with its shape at centres (cx, cy) and radii `radius` (one per frame, (T,) each), as a float
+    tensor (3, T, size, size) in [-1, 1]: the one renderer of still and moving shapes.
+
+    Only the pixels within EXTENT radii (plus a sub-pixel) of a frame's centre can be covered, so each frame's
+    shape is drawn in that box; the other pixels are the pooled background, exactly what the blend gives them."""
+    ss = supersampling(size)
+    fine = size * ss
+    coords = (np.arange(fine, dtype=np.float64) + 0.5) / fine
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    theta, amount = scene.gradient
+    shade = amount * ((x - 0.5) * math.cos(theta) + (y - 0.5) * math.sin(theta))
+    background = np.clip(np.asarray(scene.bg_rgb)[:, None, None] + shade, 0, 255)
+    pooled = background.reshape(3, size, ss, size, ss).mean(axis=(2, 4))
+    frames = list(zip(*(np.asarray(v, np.float64) for v in (cx, cy, radius)), strict=True))
+    out = np.repeat(pooled[:, None], len(frames), axis=1)
+    rgb = np.asarray(scene.rgb)[:, None, None]
+    c, sn = math.cos(scene.angle), math.sin(scene.angle)
+    for t, (fx, fy, r) in enumerate(frames):
+        reach = EXTENT * r + 1 / fine
+        (y0, y1), (x0, x1) = _span(fy, reach, size), _span(fx, reach, size)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        rows, cols = slice(y0 * ss, y1 * ss), slice(x0 * ss, x1 * ss)
+        dx, dy = x[rows, cols] - fx, y[rows, cols] - fy
+        distance = SHAPES[scene.shape](c * dx + sn * dy, -sn * dx + c * dy, float(r))
+        coverage = np.clip(0.5 - distance * fine, 0.0, 1.0)
+        under = background[:, rows, cols]
+        image = under + coverage * (rgb - under)
+        out[:, t, y0:y1, x0:x1] = image.reshape(3, y1 - y0, ss, x1 - x0, ss).mean(axis=(2, 4))
+    return torch.from_numpy(out / 127.5 - 1.0).float()
+
+
+def scene_style(rng: np.random.Generator, color: str) -> tuple[float, str, tuple, tuple, tuple[float, float]]:
+    """(angle, background name, shape rgb, background rgb, background gradient) drawn from `rng`: how a scene
+    looks apart from its shape, colour name and geometry."""
+    angle = float(rng.uniform(-0.35, 0.35))
+    bg = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    jitter = rng.uniform(-18, 18, size=3)
+    rgb = tuple(float(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], jitter, strict=True))
+    bg_rgb = tuple(float(v) + float(rng.uniform(-8, 8)) for v in BACKGROUNDS[bg])
+    theta, amount = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 30))
+    return angle, bg, rgb, bg_rgb, (theta, amount)
+
+
+class ShapeVocabulary(Dataset):
+    """What the built-in datasets share: the shape x colour classes (shape-major), `num_samples` items drawn per
+    (seed, index), and captions and prompts read from `scene(index)` (anything with `label` and `caption`)."""
+
+    name = "shapes"
+    items = "images"  # what one item is, for messages
+
+    def __init__(self, num_samples: int, shapes: list[str] | None, colors: list[str] | None, seed: int) -> None:
         self.shapes = list(shapes or ["circle", "square", "triangle", "cross"])
         self.colors = list(colors or ["red", "green", "blue"])
-        for name, vocab, what in ((self.shapes, SHAPES, "shape"), (self.colors, COLORS, "colour")):
-            unknown = [n for n in name if n not in vocab]
-            if unknown or not name or len(set(name)) != len(name):
-                raise ValueError(f"shapes dataset: {what}s must be distinct names from {sorted(vocab)}, got {name}")
-        if image_size < 4 or num_samples < 1:
-            raise ValueError(
-                f"shapes dataset: need image_size >= 4 and num_samples >= 1, got {image_size}, {num_samples}"
-            )
-        self.image_size = image_size
+        for names, vocab, what in ((self.shapes, SHAPES, "shape"), (self.colors, COLORS, "colour")):
+            check_names(names, vocab, f"{self.name} dataset: {what}s")
+        if num_samples < 1:
+            raise ValueError(f"{self.name} dataset: need num_samples >= 1, got {num_samples}")
         self.num_samples = num_samples
         self.seed = seed
+
+    def scene(self, index: int) -> Scene:
+        """What item `index` shows, drawn from a generator seeded by (seed, index)."""
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
@@ -163,20 +211,54 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def check_index(self, index: int) -> None:
+        """IndexError unless 0 <= index < num_samples."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"{self.name} dataset has {self.num_samples} {self.items}, got index {index}")
+
     def captions(self) -> list[str]:
-        """The caption of every image, without rendering any."""
+        """The caption of every item, without rendering any."""
         return [self.scene(i).caption for i in range(self.num_samples)]
 
     def prompts(self, per_class: int = 1) -> list[str]:
         """Captions of the first `per_class` scenes of every class, in label order (demo and sample prompts)."""
-        found: dict[int, list[str]] = {c: [] for c in range(self.num_classes)}
+        return self.first_captions(lambda scene: scene.label, self.num_classes, per_class)
+
+    def first_captions(self, group: Callable[[Scene], int], groups: int, per_group: int) -> list[str]:
+        """Captions of the first `per_group` scenes of each of `groups` groups (`group(scene)` in [0, groups)),
+        in group order."""
+        found: dict[int, list[str]] = {g: [] for g in range(groups)}
         index = 0
-        while any(len(v) < per_class for v in found.values()):
+        while any(len(v) < per_group for v in found.values()):
             scene = self.scene(index)
-            if len(found[scene.label]) < per_class:
-                found[scene.label].append(scene.caption)
+            if len(found[group(scene)]) < per_group:
+                found[group(scene)].append(scene.caption)
             index += 1
-        return [caption for c in range(self.num_classes) for caption in found[c]]
+        return [caption for g in range(groups) for caption in found[g]]
+
+
+def check_names(names: list[str], vocab: dict | tuple, what: str) -> None:
+    """ValueError naming `what` unless `names` are distinct, non-empty and all in `vocab`."""
+    unknown = [n for n in names if n not in vocab]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"{what} must be distinct names from {sorted(vocab)}, got {names}")
+
+
+class ShapesDataset(ShapeVocabulary):
+    """`num_samples` procedural images at `image_size`; class = shape x colour (shape-major)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        num_samples: int = 100_000,
+        shapes: list[str] | None = None,
+        colors: list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_samples, shapes, colors, seed)
+        if image_size < 4:
+            raise ValueError(f"shapes dataset: need image_size >= 4, got {image_size}")
+        self.image_size = image_size
 
     def scene(self, index: int) -> Scene:
         """The scene of image `index`, drawn from a generator seeded by (seed, index)."""
@@ -184,37 +266,17 @@ class ShapesDataset(Dataset):
         label = int(rng.integers(self.num_classes))
         shape, color = self.shapes[label // len(self.colors)], self.colors[label % len(self.colors)]
         radius = float(rng.uniform(*RADIUS))
-        margin = min(radius * 1.25, 0.5)
+        margin = min(radius * EXTENT, 0.5)
         cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
-        angle = float(rng.uniform(-0.35, 0.35))
-        bg = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-        jitter = rng.uniform(-18, 18, size=3)
-        rgb = tuple(float(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], jitter, strict=True))
-        bg_rgb = tuple(float(v) + float(rng.uniform(-8, 8)) for v in BACKGROUNDS[bg])
-        theta, amount = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 30))
-        return Scene(label, shape, color, bg, cx, cy, radius, angle, rgb, bg_rgb, (theta, amount))
+        angle, bg, rgb, bg_rgb, gradient = scene_style(rng, color)
+        return Scene(label, shape, color, bg, cx, cy, radius, angle, rgb, bg_rgb, gradient)
 
     def render(self, index: int, size: int | None = None) -> torch.Tensor:
         """Image `index` as a float tensor (3, size, size) in [-1, 1]."""
-        size = size or self.image_size
         s = self.scene(index)
-        ss = supersampling(size)
-        fine = size * ss
-        coords = (np.arange(fine, dtype=np.float64) + 0.5) / fine
-        y, x = np.meshgrid(coords, coords, indexing="ij")
-        theta, amount = s.gradient
-        shade = amount * ((x - 0.5) * math.cos(theta) + (y - 0.5) * math.sin(theta))
-        background = np.clip(np.asarray(s.bg_rgb)[:, None, None] + shade, 0, 255)
-        dx, dy = x - s.cx, y - s.cy
-        c, sn = math.cos(s.angle), math.sin(s.angle)
-        distance = SHAPES[s.shape](c * dx + sn * dy, -sn * dx + c * dy, s.radius)
-        coverage = np.clip(0.5 - distance * fine, 0.0, 1.0)
-        image = background + coverage * (np.asarray(s.rgb)[:, None, None] - background)
-        image = image.reshape(3, size, ss, size, ss).mean(axis=(2, 4))
-        return torch.from_numpy(image / 127.5 - 1.0).float()
+        return render_frames(s, size or self.image_size, [s.cx], [s.cy], [s.radius])[:, 0]
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"shapes dataset has {self.num_samples} images, got index {index}")
+        self.check_index(index)
         scene = self.scene(index)
         return {"image": self.render(index), "label": scene.label, "caption": scene.caption}

@@ -12,9 +12,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -61,27 +62,84 @@ class OracleSpec:
 
     def key(self) -> str:
         """A file name unique to these settings: the size, then a hash of the rest."""
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-        return f"oracle-{self.size}px-{digest}"
+        return spec_key(f"oracle-{self.size}px", self)
 
 
-class Oracle(nn.Module):
+def spec_key(prefix: str, spec: object) -> str:
+    """`prefix` and a hash of every field of the dataclass `spec`: a cache file name unique to the settings."""
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return f"{prefix}-{digest}"
+
+
+def conv_body(in_channels: int, size: int, width: int) -> tuple[nn.Sequential, int]:
+    """Conv stem, then stride-2 stages (widening to 4 x `width`) until the side is at most MIN_SIDE px; returns the
+    layers and their output width."""
+    base = width
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU()]
+    side = size
+    while side > MIN_SIDE:
+        wider = min(2 * width, 4 * base)
+        layers += [nn.Conv2d(width, wider, 3, stride=2, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
+        layers += [nn.Conv2d(wider, wider, 3, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
+        width, side = wider, math.ceil(side / 2)
+    return nn.Sequential(*layers), width
+
+
+class SavedModel(nn.Module):
+    """A trained judge saved as one safetensors file whose metadata holds its format, spec and held-out accuracy."""
+
+    FORMAT: ClassVar[str]
+    spec: Any
+    accuracy: Any
+
+    @classmethod
+    def from_spec(cls, fields: dict) -> SavedModel:
+        """A fresh network for the spec fields read from a file (JSON lists become the spec's tuples)."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file with the settings and held-out accuracy as metadata (temporary name, then renamed)."""
+        meta = {"format": self.FORMAT, "spec": json.dumps(asdict(self.spec)), "accuracy": json.dumps(self.accuracy)}
+        with io.atomic_file(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+        """Read a file written by `save`; errors name the file and what it lacks."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such oracle file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != cls.FORMAT or "spec" not in meta:
+            raise ValueError(f"{path}: not an oracle file (expected metadata format={cls.FORMAT!r} and 'spec')")
+        model = cls.from_spec(json.loads(meta["spec"]))
+        model.load_state_dict(state, strict=True)
+        model.accuracy = json.loads(meta.get("accuracy", "null"))
+        return model.to(device).eval()
+
+
+class Oracle(SavedModel):
     """Conv stem, then stride-2 stages until the side is at most 4 px, global average pool (the features), linear."""
+
+    FORMAT = FORMAT
 
     def __init__(self, spec: OracleSpec) -> None:
         super().__init__()
         self.spec = spec
         self.accuracy: float | None = None
-        width = spec.width
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU()]
-        side = spec.size
-        while side > MIN_SIDE:
-            wider = min(2 * width, 4 * spec.width)
-            layers += [nn.Conv2d(width, wider, 3, stride=2, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
-            layers += [nn.Conv2d(wider, wider, 3, padding=1), nn.BatchNorm2d(wider), nn.SiLU()]
-            width, side = wider, math.ceil(side / 2)
-        self.body = nn.Sequential(*layers)
+        self.body, width = conv_body(3, spec.size, spec.width)
         self.head = nn.Linear(width, spec.num_classes)
+
+    @classmethod
+    def from_spec(cls, fields: dict) -> Oracle:
+        """The network of a saved spec."""
+        return cls(OracleSpec(**{**fields, "shapes": tuple(fields["shapes"]), "colors": tuple(fields["colors"])}))
 
     @property
     def device(self) -> torch.device:
@@ -108,33 +166,6 @@ class Oracle(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted ShapesDataset labels (N,)."""
         return self(images).argmax(1)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """One safetensors file with the settings and held-out accuracy as metadata (temporary name, then renamed)."""
-        meta = {"format": FORMAT, "spec": json.dumps(asdict(self.spec)), "accuracy": json.dumps(self.accuracy)}
-        with io.atomic_file(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Oracle:
-        """Read a file written by `save`; errors name the file and what it lacks."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such oracle file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(path))
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        if meta.get("format") != FORMAT or "spec" not in meta:
-            raise ValueError(f"{path}: not an oracle file (expected metadata format={FORMAT!r} and 'spec')")
-        spec = json.loads(meta["spec"])
-        oracle = cls(OracleSpec(**{**spec, "shapes": tuple(spec["shapes"]), "colors": tuple(spec["colors"])}))
-        oracle.load_state_dict(state, strict=True)
-        oracle.accuracy = json.loads(meta.get("accuracy", "null"))
-        return oracle.to(device).eval()
 
 
 def render(dataset: ShapesDataset, indices: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,23 +216,51 @@ def train_oracle(
     `check_samples` held-out scenes (`Oracle.accuracy`)."""
     spec = oracle_spec(size, shapes, colors, steps, seed)
     torch.manual_seed(seed)
-    oracle = Oracle(spec).to(device).train()
+    oracle = Oracle(spec).to(device)
     scenes = spec.dataset(TRAIN_SEED + seed, spec.steps * spec.batch_size)
-    optimizer = torch.optim.AdamW(oracle.parameters(), lr=3e-3, weight_decay=1e-4)
-    warmup = max(1, spec.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * k / spec.steps))
-    )
-    for step in tqdm(range(spec.steps), desc="oracle", disable=not progress):
+
+    def loss(step: int) -> torch.Tensor:
         images, labels = render(scenes, range(step * spec.batch_size, (step + 1) * spec.batch_size))
-        loss = F.cross_entropy(oracle(images), labels.to(oracle.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    oracle.eval()
+        return F.cross_entropy(oracle(images), labels.to(oracle.device))
+
+    fit(oracle, spec.steps, loss, progress)
     oracle.accuracy = accuracy(oracle, *render(spec.dataset(CHECK_SEED, check_samples), range(check_samples)))
     return oracle
+
+
+def fit(
+    model: nn.Module, steps: int, loss: Callable[[int], torch.Tensor], progress: bool = True, desc: str = "oracle"
+) -> None:
+    """Train `model` for `steps` steps of AdamW (lr 3e-3, warm-up over 5 %, then cosine decay) minimising `loss(step)`,
+    the loss of that step's fresh batch; leaves it in eval mode."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * k / steps))
+    )
+    for step in tqdm(range(steps), desc=desc, disable=not progress):
+        value = loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+Judge = TypeVar("Judge", bound=SavedModel)
+
+
+def cached(
+    key: str, cache_dir: str | os.PathLike | None, load: Callable[[Path], Judge], train: Callable[[], Judge]
+) -> Judge:
+    """The judge saved as `key`.safetensors in the oracle cache, or `train()`ed and saved there first."""
+    path = oracle_cache_dir(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        return load(path)
+    judge = train()
+    judge.save(path)
+    return judge
 
 
 def oracle_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -222,12 +281,12 @@ def load_or_train_oracle(
 ) -> Oracle:
     """The cached oracle for these settings (a file named by `OracleSpec.key`), trained and saved first if absent."""
     spec = oracle_spec(size, shapes, colors, steps, seed)
-    path = oracle_cache_dir(cache_dir) / f"{spec.key()}.safetensors"
-    if path.is_file():
-        return Oracle.load(path, device)
-    oracle = train_oracle(size, list(spec.shapes), list(spec.colors), spec.steps, seed, progress, device)
-    oracle.save(path)
-    return oracle
+    return cached(
+        spec.key(),
+        cache_dir,
+        lambda path: Oracle.load(path, device),
+        lambda: train_oracle(size, list(spec.shapes), list(spec.colors), spec.steps, seed, progress, device),
+    )
 
 
 def real_dataset(size: int, shapes: list[str], colors: list[str], num: int) -> ShapesDataset:
@@ -258,14 +317,14 @@ class OracleResult:
 
 class OracleEvaluator:
     """Accumulates generated images with their requested labels and the two real sets, on every rank;
-    `results()` is collective."""
+    `results()` is collective. `label_shape` is the shape of one sample's labels (() for one class label)."""
 
-    def __init__(self, oracle: Classifier) -> None:
+    def __init__(self, oracle: Classifier, label_shape: tuple[int, ...] = ()) -> None:
         self.oracle = oracle
         self.generated = FeatureAccumulator(oracle.features, keep_features=False)
         self.real = [FeatureAccumulator(oracle.features, keep_features=False) for _ in range(2)]
-        self.hits = RunningMean()
-        self.real_hits = RunningMean()
+        self.hits = RunningMean(label_shape)
+        self.real_hits = RunningMean(label_shape)
 
     def add_generated(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Generated images (N, 3, S, S) in [-1, 1] and the labels they were asked for (N,), if any."""
@@ -278,14 +337,14 @@ class OracleEvaluator:
         self.real[split].update(images)
         self.real_hits.update((self.oracle.predict(images).cpu() == labels.cpu()).double())
 
+    def measure(self) -> tuple[int, torch.Tensor, float, float, torch.Tensor]:
+        """(generated count, hit rate per label, FD(generated, A), FD(A, B), real hit rate per label) over all
+        ranks (collective); hit rates are NaN where no labels were given."""
+        generated, first, second = self.generated.statistics(), self.real[0].statistics(), self.real[1].statistics()
+        fd, floor = frechet_distance(generated, first), frechet_distance(first, second)
+        return self.generated.total(), self.hits.compute(), fd, floor, self.real_hits.compute()
+
     def results(self) -> OracleResult:
         """Accuracy, FD(generated, A), FD(A, B) and the real accuracy over all ranks (collective)."""
-        generated, first, second = self.generated.statistics(), self.real[0].statistics(), self.real[1].statistics()
-        hits = float(self.hits.compute())
-        return OracleResult(
-            num_generated=self.generated.total(),
-            accuracy=None if math.isnan(hits) else hits,
-            fd=frechet_distance(generated, first),
-            floor=frechet_distance(first, second),
-            real_accuracy=float(self.real_hits.compute()),
-        )
+        num, hits, fd, floor, real_hits = self.measure()
+        return OracleResult(num, None if math.isnan(hits) else float(hits), fd, floor, float(real_hits))
