@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo demo-text test lint bench clean
+.PHONY: demo demo-text demo-video test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(BIN)/.installed
 
 demo-text: $(BIN)/.installed
 	$(BIN)/mdm demo --preset demo-text --out runs/demo-text
+
+demo-video: $(BIN)/.installed
+	$(BIN)/mdm demo --preset demo-video --out runs/demo-video
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

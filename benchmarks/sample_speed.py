@@ -1,8 +1,9 @@
-"""Latency of generating one image with classifier-free guidance, per preset, sampler and mode, as a markdown table.
+"""Latency of generating one image (one clip for the video presets) with classifier-free guidance, per preset,
+sampler and mode, as a markdown table.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/sample_speed.py [--presets cc12m-1024] [--device cuda]
+    .venv/bin/python benchmarks/sample_speed.py [--presets cc12m-1024 demo-video webvid-256] [--device cuda]
         [--runs ddim:50 dpmpp_2m:15 ...] [--modes bf16 bf16+cl bf16+compile] [--repeats 3]
 
 The network has random weights (timing does not depend on them) and text presets get random 77-token prompt
@@ -49,8 +50,12 @@ def pipeline(name: str, mode: str, device: str) -> MDMPipeline:
 def request(pipe: MDMPipeline) -> dict:
     """One sample's condition: random prompt features, a class, or nothing."""
     m = pipe.config.model
-    if m.text_dim:
-        return {"prompt_embeds": torch.randn(1, TOKENS, m.text_dim), "prompt_mask": torch.ones(1, TOKENS)}
+    if m.text_dim:  # the unconditional branch too, so no text encoder is ever loaded
+        text, mask = torch.randn(2, TOKENS, m.text_dim), torch.ones(2, TOKENS)
+        return {"prompt_embeds": text[:1], "prompt_mask": mask[:1]} | {
+            "negative_prompt_embeds": text[1:],
+            "negative_prompt_mask": mask[1:],
+        }
     if m.num_classes:
         return {"class_labels": [0]}
     return {"batch_size": 1}
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in presets:
         for mode in modes:
             pipe = pipeline(name, mode, args.device)
-            sizes = "/".join(map(str, pipe.config.model.level_sizes()))
+            m = pipe.config.model
+            sizes = "/".join(f"{f}x{s}" if m.is_video() else str(s) for f, s in m.level_shapes())
             for sampler, steps in runs:
                 seconds, nfe = latency(pipe, sampler, steps, args.repeats)
                 row = [name, sizes, mode, sampler, str(steps), str(nfe), f"{seconds:.3f}"]

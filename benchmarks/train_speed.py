@@ -10,11 +10,11 @@ A mode is a precision (fp32 or bf16 autocast) joined by `+` with options: `cl` (
 count is a row. `--mfu` adds the model FLOPs per step (matmuls, convolutions and attention of forward and backward,
 counted once per preset by `torch.utils.flop_counter` on an eager step), the achieved TFLOP/s and, on a GPU whose
 bf16 dense peak is known (or given by `--peak-tflops`), the model FLOPs utilisation. Each preset trains all of
-its levels with the real `Trainer` step (loss, backward, clipping, AdamW, EMA)
-on synthetic images, so the numbers exclude image decoding. Text presets get random 77-token features of
-the right width in place of a text encoder (encoder cost excluded). Two untimed warm-up steps, then the
-median step time over `--steps` steps. Peak memory: CUDA's max allocated bytes; on CPU the process-wide
-resident high-water mark (it includes everything the process did before).
+its levels with the real `Trainer` step (loss, backward, clipping, AdamW, EMA) on synthetic images (clips of the
+model's frames for the video presets, where images/s counts clips), so the numbers exclude decoding. Text presets
+get random 77-token features of the right width in place of a text encoder (encoder cost excluded). Two untimed
+warm-up steps, then the median step time over `--steps` steps. Peak memory: CUDA's max allocated bytes; on CPU the
+process-wide resident high-water mark (it includes everything the process did before).
 """
 
 from __future__ import annotations
@@ -35,18 +35,21 @@ from mdm.config import load_preset
 from mdm.train.step import train_step
 from mdm.train.trainer import Trainer
 
-PRESETS = ("demo", "imagenet64", "imagenet256", "cc12m-64", "cc12m-256", "cc12m-1024")
+PRESETS = ("demo", "imagenet64", "imagenet256", "cc12m-64", "cc12m-256", "cc12m-1024", "demo-video", "webvid-256")
 CPU_BATCH = {"demo": 32, "imagenet64": 4, "imagenet256": 2, "cc12m-64": 4, "cc12m-256": 2, "cc12m-1024": 1}
+CPU_BATCH |= {"demo-video": 16, "webvid-256": 1}
 GPU_BATCH = {"demo": 256, "imagenet64": 32, "imagenet256": 8, "cc12m-64": 32, "cc12m-256": 8, "cc12m-1024": 4}
+GPU_BATCH |= {"demo-video": 128, "webvid-256": 2}
 TOKENS = 77
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}  # dense, no sparsity
 
 
 class SyntheticImages(Dataset):
-    """Random images at `size` with labels and a caption, deterministic per index."""
+    """Random images at `size` (clips of `frames` frames, 'video' items, when frames > 1) with labels and a caption,
+    deterministic per index."""
 
-    def __init__(self, size: int, num_classes: int) -> None:
-        self.size, self.num_classes = size, num_classes
+    def __init__(self, size: int, num_classes: int, frames: int = 1) -> None:
+        self.size, self.num_classes, self.frames = size, num_classes, frames
         self.class_names = [f"class {i}" for i in range(num_classes)]
 
     def __len__(self) -> int:
@@ -54,8 +57,10 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         g = torch.Generator().manual_seed(index)
-        image = torch.rand(3, self.size, self.size, generator=g) * 2 - 1
-        return {"image": image, "label": index % max(1, self.num_classes), "caption": "a photo"}
+        shape = (3, self.frames, self.size, self.size) if self.frames > 1 else (3, self.size, self.size)
+        pixels = torch.rand(shape, generator=g) * 2 - 1
+        key = "video" if self.frames > 1 else "image"
+        return {key: pixels, "label": index % max(1, self.num_classes), "caption": "a photo"}
 
 
 class RandomText:
@@ -106,7 +111,7 @@ def make_trainer(name: str, mode: str, args: argparse.Namespace, out: str) -> Tr
     ]
     cfg = load_preset(name, sets)
     m = cfg.model
-    data = SyntheticImages(m.image_size, m.num_classes)
+    data = SyntheticImages(m.image_size, m.num_classes, m.num_frames)
     text = RandomText(m.text_dim) if m.text_dim else None
     return Trainer(cfg, out, device=args.device, text_encoder=text, dataset=data, progress=False)
 
@@ -150,7 +155,7 @@ def bench(name: str, mode: str, args: argparse.Namespace, flops: int | None, pea
             if i >= 2:
                 times.append(time.perf_counter() - start)
         params = sum(p.numel() for p in phase.net.parameters()) / 1e6
-        sizes = "/".join(map(str, m.level_sizes()))
+        sizes = "/".join(f"{f}x{s}" if m.is_video() else str(s) for f, s in m.level_shapes())
         step = statistics.median(times)
         threads = "-" if device.type == "cuda" else str(torch.get_num_threads())
         row = [name, sizes, f"{params:.1f}", str(batch), mode, threads, f"{step:.3f}", f"{batch / step:.1f}"]

@@ -458,6 +458,11 @@ def serve(
     pipelines = {}
     for path in models:
         pipe = MDMPipeline.from_pretrained(path)
+        if pipe.config.model.is_video():
+            raise ValueError(
+                f"{path}: a video model (model.num_frames = {pipe.config.model.num_frames}); mdm serve shows images, "
+                f"sample clips with mdm sample (GIF, MP4 and frame strips)"
+            )
         _ = pipe.text_encoder  # load it now: fail at start-up, not on the first request
         pipelines[path] = pipe
     with tempfile.TemporaryDirectory(prefix="mdm-serve-") as workdir:

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 
 from mdm import io
+from mdm.clip_grids import FPS, grid_clip, save_samples, strips
 from mdm.config import ConfigError, MDMConfig, list_presets, load_config, load_preset
 from mdm.diffusion.samplers import SAMPLERS
 from mdm.diffusion.schedule import SPACINGS
 from mdm.images import level_strip, sample_grid, save_png, to_pil
 from mdm.train.checkpoint import NonFiniteWeightsError, TrainingError
+from mdm.videos import save_gif
 
 DTYPES = ("float32", "float64", "bfloat16")  # the dtypes a model may be converted to or sampled in
 
@@ -52,13 +54,28 @@ def write_samples(levels: list[torch.Tensor], out: Path, prefix: str, titles: li
     return paths
 
 
+def write_clips(levels: list[torch.Tensor], out: Path, titles: list[str], slugs: list[str]) -> list[Path]:
+    """Per sample clip: an animated GIF with every level side by side (and an MP4 with the extra `video`) and a
+    PNG strip of every level's frames (`clip_grids.save_samples`)."""
+    paths = []
+    for i, (title, slug) in enumerate(zip(titles, slugs, strict=True)):
+        paths += save_samples([lv[i : i + 1] for lv in levels], [title], out / f"{i:03d}_{slug}", 1, mp4=True)
+    return paths
+
+
 def write_plain(levels: list[torch.Tensor], out: Path) -> None:
-    """Unlabelled PNGs for external tools: the top level in `out/plain/`, every level in `out/level_<size>/`."""
+    """Unlabelled files for external tools: the top level in `out/plain/`, every level in `out/level_<size>/`
+    (`level_<frames>x<size>/`): PNGs of images, GIFs of clips."""
     for k, level in enumerate(levels):
-        folders = [out / "plain", out / f"level_{level.shape[-1]}"] if k == 0 else [out / f"level_{level.shape[-1]}"]
-        for i, image in enumerate(to_pil(level)):
+        video = level.dim() == 5
+        name = f"level_{level.shape[2]}x{level.shape[-1]}" if video else f"level_{level.shape[-1]}"
+        folders = [out / "plain", out / name] if k == 0 else [out / name]
+        for i in range(level.shape[0]):
             for folder in folders:
-                save_png(image, folder / f"{i:05d}.png")
+                if video:
+                    save_gif(level[i], folder / f"{i:05d}.gif", FPS)
+                else:
+                    save_png(to_pil(level[i : i + 1])[0], folder / f"{i:05d}.png")
 
 
 def _slug(text: str, limit: int = 60) -> str:
@@ -101,10 +118,15 @@ def _sample(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     )
-    paths = write_samples(out.levels, Path(args.out), "", [_slug(t) for t in out.titles])
+    slugs = [_slug(t) for t in out.titles]
+    if out.videos is not None:
+        paths = write_clips(out.levels, Path(args.out), out.titles, slugs)
+    else:
+        paths = write_samples(out.levels, Path(args.out), "", slugs)
     if args.plain:
         write_plain(out.levels, Path(args.out))
-    print(f"wrote {len(paths)} PNG(s) to {args.out} ({out.nfe} network calls)")
+    kinds = ", ".join(sorted({p.suffix[1:].upper() for p in paths}))
+    print(f"wrote {len(paths)} file(s) ({kinds}) to {args.out} ({out.nfe} network calls)")
     return 0
 
 
@@ -160,16 +182,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_request(cfg: MDMConfig, per_class: int) -> dict:
+    """What the demo samples: every class `per_class` times, or captions of unseen scenes (`per_class` per class),
+    or of unseen clips (`per_class` per motion, in motion order)."""
+    from mdm.data.moving_shapes import MovingShapesDataset
     from mdm.data.shapes import ShapesDataset
+
+    m, d = cfg.model, cfg.data
+    if m.num_classes:
+        return {"class_labels": [name for name in m.class_names for _ in range(per_class)]}
+    size, n, seed = m.image_size, d.num_samples, d.seed + 1
+    if m.is_video():
+        clips = MovingShapesDataset(size, m.num_frames, n, d.shapes, d.colors, d.motions, seed)
+        return {"prompt": clips.motion_prompts(per_class)}
+    return {"prompt": ShapesDataset(size, n, d.shapes, d.colors, seed=seed).prompts(per_class)}
+
+
+def _demo(args: argparse.Namespace) -> int:
     from mdm.distributed import cleanup
     from mdm.pipeline import MDMPipeline
     from mdm.train.trainer import Trainer
 
     out = Path(args.out)
     cfg = load_preset(args.preset, list(args.set or []))
-    if cfg.data.dataset != "shapes":
-        raise ConfigError(f"mdm demo: preset {args.preset!r} does not train on the built-in shapes")
+    if cfg.data.dataset not in ("shapes", "moving_shapes"):
+        raise ConfigError(f"mdm demo: preset {args.preset!r} does not train on the built-in shapes or moving shapes")
     trainer = Trainer(cfg, out, resume="latest" if (out / "checkpoints" / "latest").exists() else None)
     try:
         final = trainer.fit()
@@ -178,22 +215,26 @@ def _demo(args: argparse.Namespace) -> int:
     if not trainer.env.is_main:
         return 0
     pipe = MDMPipeline.from_pretrained(final)
-    m, d = pipe.config.model, cfg.data
-    if m.num_classes:
-        request: dict = {"class_labels": [name for name in m.class_names for _ in range(args.per_class)]}
-    else:
-        held_out = ShapesDataset(m.image_size, d.num_samples, d.shapes, d.colors, seed=d.seed + 1)
-        request = {"prompt": held_out.prompts(args.per_class)}
+    video = pipe.config.model.is_video()
+    per_class = args.per_class or (2 if video else 4)
     result = pipe(
-        **request,
+        **_demo_request(pipe.config, per_class),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         output_type="pt",
         generator=torch.Generator().manual_seed(args.seed),
     )
-    grid = save_png(sample_grid(result.levels, result.titles, ncols=2 * args.per_class), out / "demo_samples.png")
-    what = "every class" if m.num_classes else "captions of unseen scenes, per class"
-    print(f"trained demo model: {final}\nsamples ({what}, all levels): {grid}\nloss curve: {out / 'loss.png'}")
+    stem = out / "demo_samples"
+    if video:
+        first = [lv[::per_class] for lv in result.levels]  # one clip per motion in the frame strips
+        written = [save_gif(grid_clip(result.levels, result.titles, per_class), stem.with_suffix(".gif"), FPS)]
+        written.append(save_png(strips(first, result.titles[::per_class]), stem.with_suffix(".png")))
+        what = "captions of unseen clips, per motion"
+    else:
+        written = [save_png(sample_grid(result.levels, result.titles, ncols=2 * per_class), stem.with_suffix(".png"))]
+        what = "every class" if pipe.config.model.num_classes else "captions of unseen scenes, per class"
+    files = " and ".join(map(str, written))
+    print(f"trained demo model: {final}\nsamples ({what}, all levels): {files}\nloss curve: {out / 'loss.png'}")
     return 0
 
 
@@ -218,7 +259,7 @@ def _data_embed(args: argparse.Namespace) -> int:
     out = args.out or cfg.text.cache
     if out is None:
         raise ConfigError("give --out DIR (or set text.cache in the config)")
-    dataset = build_dataset(cfg.data, cfg.model.image_size, need_captions=True)
+    dataset = build_dataset(cfg.data, cfg.model.image_size, need_captions=True, num_frames=cfg.model.num_frames)
     captions = dataset_captions(dataset)
     encoder = build_encoder(cfg.text)
     if args.device:
@@ -299,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ml.set_defaults(func=_convert)
 
-    s = sub.add_parser("sample", help="sample a model directory; one PNG per sample, all levels side by side")
+    s = sub.add_parser(
+        "sample",
+        help="sample a model directory; one PNG per sample, all levels side by side (video: GIF, MP4, frame strip)",
+    )
     s.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
     s.add_argument("--labels", nargs="+", default=None, help="class indices or names, e.g. 3 'red circle'")
     s.add_argument("--prompt", nargs="+", default=None, help="text prompt(s), encoded by the model's text encoder")
@@ -369,13 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     em.set_defaults(func=_data_embed)
 
-    d = sub.add_parser("demo", help="train a tiny demo model on built-in shapes and write samples per class")
-    d.add_argument("--preset", default="demo", help="demo (class-conditional) or demo-text (captions)")
+    d = sub.add_parser("demo", help="train a tiny demo model on built-in (moving) shapes and write samples")
+    d.add_argument(
+        "--preset", default="demo", help="demo (class-conditional), demo-text (captions) or demo-video (clips)"
+    )
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config value")
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    d.add_argument("--per-class", type=int, default=4, help="samples per class")
+    d.add_argument("--per-class", type=int, default=None, help="samples per class, or per motion (default 4; video 2)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
 
@@ -384,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
     against = ev.add_mutually_exclusive_group(required=True)
-    against.add_argument("--data", help="'shapes' (built-in, at the model's size) or an image folder / tar shards")
+    against.add_argument(
+        "--data",
+        help="'shapes' (built-in, at the model's size) or an image folder / tar shards; video models: "
+        "'moving_shapes' or a clip folder (per-frame FID / KID and temporal consistency)",
+    )
     against.add_argument("--ref", help="reference statistics .npz (mu, sigma) of the top level, from --save-ref")
     ev.add_argument("--num", type=int, required=True, help="samples to generate (and data images to compare with)")
     ev.add_argument("--batch-size", type=int, default=50, help="samples per sampling call, per process")
@@ -396,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", default=None, help="TorchScript Inception .pt (default: $MDM_INCEPTION_PATH)")
     ev.add_argument("--save-ref", default=None, help="write the data's top-level statistics to this .npz")
     ev.add_argument("--clip", default=None, help="local transformers CLIP directory: CLIP score")
-    ev.add_argument("--oracle", action="store_true", help="built-in shapes: oracle accuracy, FD and floor")
+    ev.add_argument(
+        "--oracle", action="store_true", help="built-in (moving) shapes: oracle class (and motion) accuracy, FD, floor"
+    )
     ev.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU, else CPU)")
     ev.add_argument("--out", default="eval.json", help="results JSON")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -44,13 +44,16 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
-def sample_grid(levels: list[torch.Tensor], titles: list[str], ncols: int = 4) -> Image.Image:
-    """A titled cell per sample, each cell every level side by side (highest first), upscaled to >= 128 px.
+def sample_grid(
+    levels: list[torch.Tensor], titles: list[str], ncols: int = 4, labels: list[str] | None = None
+) -> Image.Image:
+    """A titled cell per sample, each cell every level side by side (highest first, `labels` default '16px'),
+    upscaled to >= 128 px.
 
     Titles wrap to the cell width (captions can be long).
     """
     scale = max(1, 128 // levels[0].shape[-1])
-    labels = [f"{lv.shape[-1]}px" for lv in levels]
+    labels = labels or [f"{lv.shape[-1]}px" for lv in levels]
     strips = level_strip([F.interpolate(lv.float(), scale_factor=scale, mode="nearest") for lv in levels], labels)
     w = strips[0].width
     wrapped = [textwrap.wrap(title, max(8, w // 6)) or [""] for title in titles]

@@ -8,6 +8,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mdm import io
+from mdm.train.log import level_labels
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -24,20 +25,22 @@ def loss_curve(log: str | Path, out: str | Path) -> Path:
     ax = fig.subplots()
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], color="black", lw=1.6, label="total")
-    sizes = sorted({s for r in records for s in r["level_sizes"]}, reverse=True)
-    for size in sizes:
-        pts = [(r["step"], r["level_loss"][r["level_sizes"].index(size)]) for r in records if size in r["level_sizes"]]
-        ax.plot(*zip(*pts, strict=True), lw=1.0, label=f"{size}px level")
+    labels = [level_labels(r) for r in records]
+    for label in dict.fromkeys(lv for ls in sorted(labels, key=len, reverse=True) for lv in ls):
+        pts = [
+            (r["step"], r["level_loss"][ls.index(label)]) for r, ls in zip(records, labels, strict=True) if label in ls
+        ]
+        ax.plot(*zip(*pts, strict=True), lw=1.0, label=f"{label} level")
     start = 0
     for phase in sorted({r["phase"] for r in records}):
         in_phase = [r["step"] for r in records if r["phase"] == phase]
         end = max(in_phase)
         ax.axvspan(start, end, color=f"C{phase}", alpha=0.07, lw=0)
-        levels = next(r["level_sizes"] for r in records if r["phase"] == phase)
+        levels = next(ls for r, ls in zip(records, labels, strict=True) if r["phase"] == phase)
         ax.text(
             start,
             1.0,
-            f" phase {phase}: {'/'.join(map(str, levels))}px",
+            f" phase {phase}: {'/'.join(lv.removesuffix('px') for lv in levels)}px",
             transform=ax.get_xaxis_transform(),
             va="top",
             fontsize=8,

@@ -1,9 +1,18 @@
 """Sample-quality metrics: FID / KID with the standard TorchScript Inception, CLIP score, per-level FID and
-cross-level consistency of generated pyramids, the shapes oracle, and `evaluate_model` (behind `mdm eval`)."""
+cross-level consistency of generated pyramids (and temporal consistency of clips), the shapes and motion oracles,
+and `evaluate_model` (behind `mdm eval`)."""
 
 from mdm.eval.accumulate import FeatureAccumulator, RunningMean, rank_batches
 from mdm.eval.clip_score import ClipScorer, load_clip
-from mdm.eval.evaluate import EvalReport, LevelResult, PyramidEvaluator, evaluate_model, format_table, sample_latents
+from mdm.eval.evaluate import (
+    EvalReport,
+    LevelResult,
+    PyramidEvaluator,
+    evaluate_model,
+    format_table,
+    item_latents,
+    sample_latents,
+)
 from mdm.eval.features import (
     INCEPTION_ENV,
     INCEPTION_SHA256,
@@ -49,6 +58,7 @@ __all__ = [
     "format_table",
     "frechet_distance",
     "inception_path",
+    "item_latents",
     "kid",
     "load_clip",
     "load_inception",

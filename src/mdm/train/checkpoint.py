@@ -43,7 +43,7 @@ class RunState:
     nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient
     streak: int = 0  # ... of them in a row, up to now
     bad_samples: int = 0  # unusable samples skipped
-    levels: list[int] = field(default_factory=list)  # the phase model's level sizes
+    levels: list = field(default_factory=list)  # the phase's levels: sides, or [frames, side] (phases.level_record)
     carried_levels: int = 0  # levels whose weights came from before this phase
 
     @classmethod

@@ -22,6 +22,16 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def level_label(level: int | list[int]) -> str:
+    """A level as logs and plots name it: '16px', or '8x16px' (frames x side) in a video run."""
+    return f"{level}px" if isinstance(level, int) else f"{level[0]}x{level[1]}px"
+
+
+def level_labels(record: dict) -> list[str]:
+    """A log record's levels, highest first (its 'level_shapes' in a video run, else its 'level_sizes')."""
+    return [level_label(lv) for lv in record.get("level_shapes", record["level_sizes"])]
+
+
 class TrainLog:
     """Accumulates per-step statistics and writes one averaged record every `write` call."""
 
@@ -48,13 +58,16 @@ class TrainLog:
             levels = stats[1:-1].cpu()
             self._levels = levels if self._levels is None else self._levels + levels
 
-    def write(self, step: int, phase: int, level_sizes: list[int], nonfinite: int, bad_samples: int) -> dict:
-        """Append the window's averages as one record; returns it (every rank, only rank 0 writes)."""
+    def write(self, step: int, phase: int, levels: list, nonfinite: int, bad_samples: int) -> dict:
+        """Append the window's averages as one record; returns it (every rank, only rank 0 writes). `levels` as
+        `phases.level_record` gives them: sides, or [frames, side] in a video run (then also 'level_shapes')."""
         elapsed = time.perf_counter() - self._t0
+        video = bool(levels) and isinstance(levels[0], list)
         record = {
             "step": step,
             "phase": phase,
-            "level_sizes": level_sizes,
+            "level_sizes": [lv[1] for lv in levels] if video else levels,
+            **({"level_shapes": levels} if video else {}),
             "lr": self._lr,
             "images_per_s": self._images / elapsed if elapsed > 0 else 0.0,
             "nonfinite_skipped": nonfinite,

@@ -23,10 +23,11 @@ from torch.utils.data import Dataset
 from mdm import distributed, io
 from mdm.config import MDMConfig, PhaseConfig, load_config
 from mdm.data.loader import make_loader
-from mdm.diffusion.process import MultiLevelDiffusion
+from mdm.diffusion.process import MultiLevelDiffusion, build_pyramid
 from mdm.distributed import DistEnv
 from mdm.models.unet import NestedUNet
 from mdm.train.ema import EMA
+from mdm.train.log import level_label
 from mdm.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,56 @@ def plan(cfg: MDMConfig) -> list[PhaseConfig]:
 
 
 def phase_config(cfg: MDMConfig, levels: int, mixed_ratio: list[float] | None = None) -> MDMConfig:
-    """The config of the model made of the innermost `levels` levels of `cfg` (weights and ratios sliced)."""
+    """The config of the model made of the innermost `levels` levels of `cfg` (weights and ratios sliced; a video
+    model's inner levels keep their own frames, so its innermost level alone is an image model)."""
     first = len(cfg.model.unet.levels()) - levels
     d = cfg.diffusion
-    model = dataclasses.replace(
-        cfg.model, unet=cfg.model.unet.levels()[first], image_size=cfg.model.level_sizes()[first]
-    )
     diffusion = dataclasses.replace(
         d,
         level_weights=None if d.level_weights is None else d.level_weights[first:],
         mixed_ratio=cfg.phase_mixed_ratio(PhaseConfig(levels=levels, mixed_ratio=mixed_ratio)),
     )
-    return dataclasses.replace(cfg, model=model, diffusion=diffusion, train=dataclasses.replace(cfg.train, phases=[]))
+    train = dataclasses.replace(cfg.train, phases=[])
+    return dataclasses.replace(cfg, model=cfg.model.inner_model(levels), diffusion=diffusion, train=train)
+
+
+def level_record(cfg: MDMConfig, levels: int) -> list:
+    """How checkpoints and logs name the levels of the phase training the innermost `levels`: their sides for an
+    image model, [frames, side] for every level of a video model (its image phase included)."""
+    shapes = cfg.model.level_shapes()[-levels:]
+    return [[f, s] for f, s in shapes] if cfg.model.is_video() else [s for _, s in shapes]
+
+
+def data_shape(cfg: MDMConfig, levels: int) -> tuple[int, int]:
+    """The (frames, side) the phase training the innermost `levels` levels reads its data at: its top level, or in a
+    video model the highest level above it of the same side. Sides come from data read at each size, as images
+    always have; frames from the model's own sub-sampling (`phase_input`), so a level sees the frames it sees
+    nested (an image phase of a video model: its one-frame level's)."""
+    shapes = cfg.model.level_shapes()
+    k = len(shapes) - levels
+    while k > 0 and shapes[k - 1][1] == shapes[k][1]:
+        k -= 1
+    return shapes[k]
+
+
+def phase_input(x: torch.Tensor, shapes: list[tuple[int, int]], how: str) -> torch.Tensor:
+    """A data batch given at one of the (frames, side) `shapes` (a model's levels, highest first; usually the
+    top), taken down to the last one by the model's own pyramid (`build_pyramid`, `how` = temporal_downsample).
+
+    So every phase trains its levels on exactly what they see nested in the full model: an image phase of a video
+    model gets the frames its one-frame level would. Images (N C H W) count as one frame; a one-frame result is
+    N C H W."""
+    have = (x.shape[2] if x.dim() == 5 else 1, x.shape[-1])
+    if x.dim() not in (4, 5) or have not in shapes:
+        kind = "clips (C, T, H, W)" if shapes[0][0] > 1 else "images (C, H, W) or one-frame clips"
+        want = ", ".join(f"{f} x {s}px" for f, s in shapes)
+        raise ValueError(
+            f"training data of shape {tuple(x.shape[1:])} fits no level of the model: it takes {kind} of "
+            f"frames x side {want} (model.num_frames x model.image_size = {shapes[0][0]} x {shapes[0][1]}px; "
+            f"data.dataset moving_shapes or video_folder give clips)"
+        )
+    level = build_pyramid(x, shapes[shapes.index(have) :], how)[-1]
+    return level[:, :, 0] if level.dim() == 5 and shapes[-1][0] == 1 else level
 
 
 def load_inner(net: NestedUNet, state: dict[str, torch.Tensor], levels: int, source: str) -> list[str]:
@@ -71,7 +110,8 @@ def load_inner(net: NestedUNet, state: dict[str, torch.Tensor], levels: int, sou
 
 
 def init_source(cfg: MDMConfig) -> Weights | None:
-    """The model directory `train.init_inner_from` as seed weights (checked against the run's diffusion)."""
+    """The model directory `train.init_inner_from` as seed weights, checked against the run's diffusion and
+    levels: a trained image model seeds the innermost one-frame level of a video model."""
     if not cfg.train.init_inner_from:
         return None
     src = Path(cfg.train.init_inner_from)
@@ -82,8 +122,14 @@ def init_source(cfg: MDMConfig) -> Weights | None:
     diff = [k for k in keys if getattr(source.diffusion, k) != getattr(cfg.diffusion, k)]
     if diff:
         raise ValueError(f"{src}: --init-inner-from model differs in diffusion.{', diffusion.'.join(diff)}")
+    shapes, n = source.model.level_shapes(), len(source.model.unet.levels())
+    if shapes != cfg.model.level_shapes()[-n:]:
+        raise ValueError(
+            f"{src}: --init-inner-from model has levels (frames, side) {shapes}, not the innermost {n} of this "
+            f"model's {cfg.model.level_shapes()} (model.num_frames, model.image_size and the level tree)"
+        )
     state, _ = io.read_safetensors(src / "model.safetensors")
-    return state, len(source.model.unet.levels()), str(src)
+    return state, n, str(src)
 
 
 @dataclass
@@ -103,6 +149,11 @@ class Phase:
     batches: Iterator[dict]  # the resumable data stream
     carried: list[str]  # parameters that came from before this phase
     carried_levels: int  # how many levels they make up
+    data_shapes: list[tuple[int, int]]  # the full model's levels down to this phase's top (see `phase_input`)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """This phase's top level of a data batch read at `data_shape` or, a given dataset, at the model's shape."""
+        return phase_input(x, self.data_shapes, self.config.diffusion.temporal_downsample)
 
     @property
     def end(self) -> int:
@@ -148,7 +199,8 @@ def build_phase(
     loader = make_loader(dataset, batch, cfg.data.seed, position, env.rank, env.world, cfg.data.num_workers)
     if env.is_main:
         n = sum(p.numel() for p in net.parameters())
-        log.info("phase %d: levels %s, %.2fM parameters", index, sub.model.level_sizes(), n / 1e6)
+        levels = "/".join(map(level_label, level_record(cfg, spec.levels)))
+        log.info("phase %d: levels %s, %.2fM parameters", index, levels, n / 1e6)
     return Phase(
         index=index,
         spec=spec,
@@ -158,9 +210,10 @@ def build_phase(
         model=distributed.wrap(net, env, tc.strategy, blocks),
         optimizer=make_optimizer(net, tc),
         ema=EMA(net, tc.ema_decay, tc.ema_warmup),
-        diffusion=MultiLevelDiffusion(sub.diffusion, sub.model.level_sizes()),
+        diffusion=MultiLevelDiffusion(sub.diffusion, sub.model.level_shapes()),
         batch_size=batch,
         batches=iter(loader),
         carried=carried,
         carried_levels=carried_levels,
+        data_shapes=cfg.model.level_shapes()[: len(cfg.model.unet.levels()) - spec.levels + 1],
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from mdm import distributed
 from mdm.conditions import Conditioner
@@ -34,7 +33,7 @@ def draws(
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Per-sample timestep, per-level noise and condition-dropout flags from generators seeded (seed, q)."""
     d, device = phase.diffusion, x.device
-    shapes = [(x.shape[1], s, s) for s in d.sizes]
+    shapes = d.item_shapes(x.shape[1])
     ts, coins, noise = [], [], [[] for _ in shapes]
     g = torch.Generator(device=device)
     for q in positions.tolist():
@@ -61,9 +60,7 @@ def _micro_batch(
     expected = state.position + env.rank * phase.batch_size
     if int(batch["position"][0]) != expected:
         raise RuntimeError(f"data stream out of step: expected position {expected}, got {batch['position'][0]}")
-    x = batch["image"].to(env.device)
-    if x.shape[-1] != phase.diffusion.sizes[0]:
-        x = F.adaptive_avg_pool2d(x, phase.diffusion.sizes[0])
+    x = phase.input(batch["video" if "video" in batch else "image"].to(env.device))
     t, noise, dropped = draws(phase, seed, batch["position"], x)
     cond = _condition(conditioner, batch, dropped)
     distributed.no_sync(phase.model, last)

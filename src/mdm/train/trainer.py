@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mdm import distributed
+from mdm.clip_grids import save_samples
 from mdm.conditions import Conditioner
 from mdm.config import MDMConfig, load_config, save_config, to_dict
 from mdm.data.loader import build_dataset
@@ -42,9 +43,11 @@ SPEED_ONLY = {"num_workers"}  # data keys that a resumed run may change
 class Trainer:
     """Trains an MDM from a (validated) config into a run directory; `fit()` returns the final model directory.
 
-    `dataset` replaces the configured one: items are dicts with 'image' (3, H, W) in [-1, 1] at the model's
-    size, 'label' and 'caption'; phases with fewer levels see it average-pooled to their size. A class model
-    takes its class names from the dataset (`class_names`) unless the config names them.
+    A phase reads the configured data at `phases.data_shape` and sees it through the model's own pyramid
+    (`phases.phase_input`). `dataset` replaces the configured one: items are dicts with 'image' (3, H, W) or, for
+    a video model, 'video' (3, T, H, W) in [-1, 1] at the model's shape, 'label' and 'caption'; phases with fewer
+    levels see them through the pyramid. A class model takes its class names from the dataset (`class_names`)
+    unless the config names them.
     """
 
     def __init__(
@@ -62,9 +65,10 @@ class Trainer:
         self.plan = phases.plan(config)
         self.ends = [sum(p.steps for p in self.plan[: i + 1]) for i in range(len(self.plan))]
         self.user_dataset = dataset
-        self._datasets: dict[int, Dataset] = {}
-        self.cfg = config  # what `dataset` reads (data, text width) is the same in the run config made next
-        self.cfg = self._with_class_names(config)
+        self._datasets: dict[tuple[int, int], Dataset] = {}
+        self.cfg = config  # what `dataset` reads (data, model, text width) is the same in the run config made next
+        first = self.dataset(phases.data_shape(config, self.plan[0].levels))  # data that cannot be read fails here
+        self.cfg = self._with_class_names(config, first)
         encoder = text_encoder if text_encoder is not None else load_text_encoder(self.cfg.text)
         self.text_encoder = self._checked_encoder(encoder)
         self.conditioner = Conditioner(self.cfg.model, lambda: self.text_encoder, self.env.device)
@@ -78,21 +82,21 @@ class Trainer:
         self._prepare_run_dir()
 
     # ------------------------------------------------------------------------------------------------------
-    def dataset(self, size: int) -> Dataset:
-        """The training images at `size` (built once per size; a user dataset is used as given)."""
+    def dataset(self, shape: tuple[int, int]) -> Dataset:
+        """The training data at (frames, side) `shape` (built once per shape; a user dataset is used as given)."""
         if self.user_dataset is not None:
             return self.user_dataset
-        if size not in self._datasets:
-            self._datasets[size] = build_dataset(self.cfg.data, size, self.cfg.model.text_dim > 0)
-        return self._datasets[size]
+        if shape not in self._datasets:
+            frames, side = shape
+            self._datasets[shape] = build_dataset(self.cfg.data, side, self.cfg.model.text_dim > 0, frames)
+        return self._datasets[shape]
 
-    def _with_class_names(self, config: MDMConfig) -> MDMConfig:
-        """The run's config: a class model gets the data's class names (checked against num_classes)."""
+    def _with_class_names(self, config: MDMConfig, data: Dataset) -> MDMConfig:
+        """The run's config: a class model gets the class names of `data` (checked against num_classes)."""
         m = config.model
         if m.num_classes == 0:
             return config
-        first = phases.phase_config(config, self.plan[0].levels).model.image_size
-        names = list(getattr(self.dataset(first), "class_names", []))
+        names = list(getattr(data, "class_names", []))
         if len(names) != m.num_classes:
             what = "the given" if self.user_dataset is not None else f"the {config.data.dataset}"
             raise ValueError(
@@ -142,18 +146,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def enter_phase(self, index: int, seed_weights: Weights | None, carried_levels: int) -> Phase:
         """Build phase `index` at the current data position and make it the current one."""
-        spec = self.plan[index]
-        size = phases.phase_config(self.cfg, spec.levels).model.image_size
         self.phase = phases.build_phase(
             self.cfg,
             index,
             env=self.env,
-            dataset=self.dataset(size),
+            dataset=self.dataset(phases.data_shape(self.cfg, self.plan[index].levels)),
             position=self.state.position,
             seed_weights=seed_weights,
             carried_levels=carried_levels,
         )
-        self.state.phase, self.state.levels = index, self.phase.config.model.level_sizes()
+        self.state.phase, self.state.levels = index, phases.level_record(self.cfg, self.plan[index].levels)
         self.state.carried_levels = carried_levels
         return self.phase
 
@@ -192,9 +194,9 @@ class Trainer:
                 f"{ck.path}: train.phases changed: step {s.step} was in phase {s.phase}, which the config now "
                 f"runs over steps {start}..{self.ends[s.phase]}"
             )
-        sizes = phases.phase_config(self.cfg, self.plan[s.phase].levels).model.level_sizes()
-        if sizes != s.levels:
-            raise TrainingError(f"{ck.path}: checkpoint levels {s.levels} differ from phase {s.phase}'s {sizes}")
+        levels = phases.level_record(self.cfg, self.plan[s.phase].levels)
+        if levels != s.levels:
+            raise TrainingError(f"{ck.path}: checkpoint levels {s.levels} differ from phase {s.phase}'s {levels}")
         self.state = dataclasses.replace(s)
         ph = self.enter_phase(s.phase, None, s.carried_levels)
         distributed.load_model_state(ph.net, ck.model)
@@ -286,13 +288,14 @@ class Trainer:
         return self.out / ("final" if last else f"phases/levels_{self.phase.net.num_levels}")
 
     def _samples(self, pipe: MDMPipeline) -> Path:
-        """A grid of EMA samples with every level side by side: one cell per class (or caption)."""
+        """A grid of EMA samples with every level side by side: one cell per class (or caption); for a video phase
+        an animated GIF of it and a PNG of every sample's frames (`clip_grids.save_samples`)."""
         tc, m, n = self.cfg.train, self.cfg.model, self.cfg.train.sample_count
         pipe.set_progress_bar_config(disable=True)
         if m.num_classes > 0:
             request: dict = {"class_labels": [m.class_names[i % m.num_classes] for i in range(n)]}
         elif m.text_dim > 0:
-            data = self.dataset(pipe.config.model.image_size)
+            data = self.dataset(phases.data_shape(self.cfg, self.phase.spec.levels))
             request = {"prompt": [data[i % len(data)]["caption"] for i in range(n)]}
         else:
             request = {"batch_size": n}
@@ -303,8 +306,10 @@ class Trainer:
             generator=torch.Generator().manual_seed(tc.seed),
             output_type="pt",
         )
-        grid = sample_grid(out.levels, out.titles, ncols=math.ceil(math.sqrt(n)))
-        return save_png(grid, self.out / "samples" / f"step_{self.state.step:07d}.png")
+        stem, ncols = self.out / "samples" / f"step_{self.state.step:07d}", math.ceil(math.sqrt(n))
+        if out.videos is not None:
+            return save_samples(out.levels, out.titles, stem, ncols)[0]
+        return save_png(sample_grid(out.levels, out.titles, ncols), stem.with_suffix(".png"))
 
     def phase_outputs(self, phase_end: bool, final: bool) -> None:
         """Sample grid; at a phase end the phase's model directory; at the end the loss curve.
