@@ -25,6 +25,7 @@ import torch
 from mdm.config import load_preset
 from mdm.models.unet import NestedUNet
 from mdm.pipeline import MDMPipeline
+from train_speed import parse_mode  # benchmarks/ is on the path when run as a script
 
 TOKENS = 77
 GUIDANCE = 7.5
@@ -32,9 +33,7 @@ GUIDANCE = 7.5
 
 def pipeline(name: str, mode: str, device: str) -> MDMPipeline:
     """The preset's network with random weights on `device`, in `mode` (dtype, memory format, compile)."""
-    dtype, *options = mode.split("+")
-    if dtype not in ("fp32", "bf16") or any(o not in ("cl", "compile") for o in options):
-        raise SystemExit(f"--modes: {mode!r} is not fp32|bf16 joined by +cl / +compile")
+    dtype, options = parse_mode(mode, ("fp32", "bf16"))
     cfg = load_preset(name)
     torch.manual_seed(0)
     net = NestedUNet(cfg.model).to(device, torch.bfloat16 if dtype == "bf16" else torch.float32).eval()

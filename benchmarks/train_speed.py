@@ -85,12 +85,17 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def mode_overrides(mode: str) -> list[str]:
-    """`--set` overrides of a mode such as 'bf16+cl+compile' (unknown parts are an error)."""
+def parse_mode(mode: str, precisions: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A mode such as 'bf16+cl+compile' as (precision, options); unknown parts end the script with a message."""
     precision, *options = mode.split("+")
-    unknown = [o for o in options if o not in ("cl", "compile")]
-    if precision not in ("fp32", "bf16", "auto") or unknown:
-        raise SystemExit(f"--modes: {mode!r} is not fp32|bf16|auto joined by +cl / +compile")
+    if precision not in precisions or any(o not in ("cl", "compile") for o in options):
+        raise SystemExit(f"--modes: {mode!r} is not {'|'.join(precisions)} joined by +cl / +compile")
+    return precision, options
+
+
+def mode_overrides(mode: str) -> list[str]:
+    """`--set` overrides of a training mode."""
+    precision, options = parse_mode(mode, ("fp32", "bf16", "auto"))
     return [
         f"train.mixed_precision={precision}",
         f"train.channels_last={str('cl' in options).lower()}",
