@@ -183,6 +183,30 @@ def test_gradient_checkpointing_gives_the_same_video_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_bf16_autocast_video_gradients_are_finite_and_track_float32():
+    # Temporal convolutions stay float32 under CPU autocast: oneDNN's bf16 Conv3d backward gave NaN weight gradients.
+    cfg = video_config()
+    model = randomize_(NestedUNet(cfg.model))
+    grads = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        zs, t, cond = clips(cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(zs, t, cond)
+        sum(o.float().square().mean() for o in out).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    bad = [name for name, g in grads[1].items() if not torch.isfinite(g).all()]
+    assert not bad, bad
+    flat = [torch.cat([g.flatten() for g in gs.values()]) for gs in grads]
+    assert (flat[1] - flat[0]).norm() <= 0.05 * flat[0].norm()
+    conv = torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(2, 8, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = temporal.temporal_conv(conv, x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, conv(x))
+
+
 def test_cross_attention_with_folded_frames_equals_each_frame_alone():
     kw = dict(
         widths=[(32, 32)],

@@ -86,6 +86,15 @@ class TemporalAttention(nn.Module):
         return rearrange(seq, "(n h w) t c -> (n t) c h w", h=hgt, w=wid)
 
 
+def temporal_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` over N C T H W clips. Under CPU autocast it runs in float32: oneDNN's bf16 Conv3d backward (PyTorch
+    2.13) returns NaN weight gradients for some inputs, which stopped every bf16 video run a few steps in."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return conv(x)
+    with torch.autocast("cpu", enabled=False):
+        return conv(x.to(conv.weight.dtype))
+
+
 class TemporalDownsample(nn.Module):
     """Halve the frames: a kernel-3, stride-2 convolution over time at every pixel (T -> ceil(T / 2))."""
 
@@ -95,7 +104,7 @@ class TemporalDownsample(nn.Module):
         self.conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fold(self.conv(unfold(x, self.frames)))
+        return fold(temporal_conv(self.conv, unfold(x, self.frames)))
 
 
 class TemporalUpsample(nn.Module):
@@ -107,4 +116,4 @@ class TemporalUpsample(nn.Module):
         self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fold(self.conv(unfold(x, self.frames).repeat_interleave(2, dim=2)))
+        return fold(temporal_conv(self.conv, unfold(x, self.frames).repeat_interleave(2, dim=2)))
