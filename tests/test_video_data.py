@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mdm.cli import main
 from mdm.config import ConfigError, DataConfig, MDMConfig
 from mdm.data.check import check_data
 from mdm.data.folder import DataError, ReadOptions
@@ -240,7 +241,7 @@ def test_video_folder_loads_good_clips_with_captions_and_skips_bad_ones(tmp_path
     assert grey == [[10, 70, 130], [0, 40, 80], [40, 80, 120]]
 
 
-def test_data_check_reports_bad_and_short_clips(tmp_path: Path) -> None:
+def test_data_check_reports_bad_and_short_clips(tmp_path: Path, capsys) -> None:
     root = video_folder(tmp_path / "clips")
     report = check_data(root, progress=False, num_frames=3, frame_stride=2)
     assert report.samples == 5 and len(report.problems) == 2
@@ -249,6 +250,8 @@ def test_data_check_reports_bad_and_short_clips(tmp_path: Path) -> None:
     assert sorted(report.frames) == [5, 6, 10]
     text = "\n".join(report.lines())
     assert "samples: 5, usable: 3, problems: 2" in text and "frames per usable clip: min 5 / median 6 / max 10" in text
+    assert main(["data", "check", str(root), "--num-frames", "3", "--frame-stride", "2", "--quiet"]) == 1
+    assert capsys.readouterr().out.strip() == text
 
 
 def test_class_folders_metadata_and_natural_frame_order(tmp_path: Path) -> None:

@@ -241,7 +241,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from mdm.data.check import check_data
 
-    report = check_data(args.path, min_size=args.min_size, max_pixels=args.max_pixels, progress=not args.quiet)
+    report = check_data(
+        args.path,
+        min_size=args.min_size,
+        max_pixels=args.max_pixels,
+        progress=not args.quiet,
+        num_frames=args.num_frames,
+        frame_stride=args.frame_stride,
+    )
     print("\n".join(report.lines()))
     return 1 if report.problems else 0
 
@@ -394,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("--min-size", type=int, default=0, help="report images whose shorter side is below this")
     chk.add_argument("--max-pixels", type=int, default=89_478_485, help="report images larger than this")
+    chk.add_argument("--num-frames", type=int, default=None, help="a video folder: the frames each clip must give")
+    chk.add_argument("--frame-stride", type=int, default=1, help="a video folder: keep every k-th frame")
     chk.add_argument("--quiet", action="store_true", help="no progress bar")
     chk.set_defaults(func=_data_check)
     pk = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards (and classes.txt)")
