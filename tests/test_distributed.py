@@ -64,12 +64,14 @@ def two_ranks_and_one(
     return r0
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("strategy", "freeze"), [("ddp", 0), ("fsdp", 0), ("ddp", 2), ("fsdp", 2)])
 def test_two_processes_match_one_with_the_same_global_batch(
-    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, strategy: str, freeze: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also with the inner level frozen for the whole nested phase (a fixed inner: no backward through it)."""
     two = train_config(phases=((1, 2), (2, 2)), batch_size=2, strategy=strategy)
     single = train_config(phases=((1, 2), (2, 2)), batch_size=4)
+    two.train.phases[1].freeze_inner_steps = single.train.phases[1].freeze_inner_steps = freeze
     r0 = two_ranks_and_one(tmp_path, two, single, monkeypatch)
     ref = load_file(tmp_path / "single/checkpoints/step_0000004/model.safetensors")
     assert {f"model.{k}" for k in ref} == {k for k in r0 if k.startswith("model.")}

@@ -134,6 +134,57 @@ def test_growth_carries_inner_weights_and_keeps_base_loss(tmp_path: Path) -> Non
     torch.testing.assert_close(two.level_mse[1], one.level_mse[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("freeze", [3, 1])
+def test_a_freeze_window_keeps_the_inner_level_predicting_what_it_did(tmp_path: Path, freeze: int) -> None:
+    cfg = train_config()
+    cfg.train.phases[1].freeze_inner_steps = freeze
+    final = Trainer(cfg, tmp_path, progress=False).fit()
+    base = MDMPipeline.from_pretrained(tmp_path / "phases/levels_1").unet.eval()
+    grown = MDMPipeline.from_pretrained(final).unet.eval()
+    adapter = grown.in_adapter.weight
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = [torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 8, 8, generator=g)]
+    cond = Conditioning(labels=torch.tensor([0, 1, 2, 3]))
+    two = MultiLevelDiffusion(phase_config(cfg, 2).diffusion, [16, 8]).loss(grown, x, cond, t=t, noise=noise)
+    one = MultiLevelDiffusion(phase_config(cfg, 1).diffusion, [8]).loss(
+        base, build_pyramid(x, [16, 8])[1], cond, t=t, noise=noise[1:]
+    )
+    if freeze == 3:  # frozen for the whole phase: the adapter into the base is still zero, the base unchanged
+        assert not adapter.any()
+        torch.testing.assert_close(two.level_mse[1], one.level_mse[0], rtol=0, atol=0)
+    else:  # after the window both train
+        assert adapter.any()
+        assert not torch.equal(two.level_mse[1], one.level_mse[0])
+
+
+def test_a_fixed_inner_gives_the_outer_level_the_same_gradients_without_the_inner_backward() -> None:
+    cfg = train_config()
+    base = NestedUNet(phase_config(cfg, 1).model)
+    nets = []
+    for fixed in (False, True):
+        net = NestedUNet(cfg.model)
+        load_inner(net, base.state_dict(), 1, "base")
+        for name, p in net.named_parameters():  # a trained outer level, but its adapter into the base still zero
+            if not name.startswith(("inner_unet.", "in_adapter.")):
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        if fixed:
+            net.fix_inner()
+        x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        out = MultiLevelDiffusion(cfg.diffusion, [16, 8]).loss(
+            net, x, Conditioning(labels=torch.tensor([0, 1, 2, 3])), generator=torch.Generator().manual_seed(2)
+        )
+        out.loss.mean().backward()
+        nets.append(net)
+    slow, fast = (dict(n.named_parameters()) for n in nets)
+    for name, p in fast.items():
+        if name.startswith(("inner_unet.", "in_adapter.")):
+            assert p.grad is None and not p.requires_grad, name
+        else:
+            torch.testing.assert_close(p.grad, slow[name].grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_strict_inner_loading_names_the_keys(tmp_path: Path) -> None:
     cfg = train_config()
     grown = NestedUNet(cfg.model)
@@ -191,10 +242,11 @@ def test_condition_dropout_rate_matches_config(tmp_path: Path) -> None:
 
 
 def record_grads(store: list[list[torch.Tensor]], real_step=torch.optim.AdamW.step):
-    """An AdamW.step replacement that appends every step's gradients to `store` before the real step."""
+    """An AdamW.step replacement that appends every step's gradients to `store` before the real step (frozen
+    parameters have none)."""
 
     def step(self, *args, **kwargs):
-        store.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        store.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
         return real_step(self, *args, **kwargs)
 
     return step

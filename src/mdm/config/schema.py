@@ -271,7 +271,7 @@ class PhaseConfig:
     levels: int = field(default=1, metadata={"help": "how many levels (from the lowest) this phase trains"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in this phase"})
     freeze_inner_steps: int = field(
-        default=0, metadata={"help": "keep the levels carried over from the previous phase fixed this long"}
+        default=0, metadata={"help": "keep the carried levels (and the adapter feeding them) fixed this long"}
     )
     batch_size: int | None = field(default=None, metadata={"help": "per-process micro-batch (None = train's)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate of this phase (None = train's)"})

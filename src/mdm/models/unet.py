@@ -12,6 +12,7 @@ so the 2-D layers run per frame; stages with more than one frame add temporal at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -193,6 +194,7 @@ class NestedUNet(nn.Module):
                     LevelBlock(**mid, attn_layers=0, context_dim=0, ffn=False, fp32_islands=islands),
                 ]
             )
+        self.inner_fixed = False  # see fix_inner
         if not self.innermost:
             self.inner_unet = NestedUNet(config, level.inner, nested=True, frames=self._stage_frames(n - 1))
             inner_c0 = level.inner.channels[0]
@@ -246,6 +248,14 @@ class NestedUNet(nn.Module):
         while not out[-1].innermost:
             out.append(out[-1].inner_unet)
         return out
+
+    def fix_inner(self) -> None:
+        """Make the inner levels and the adapter into them a fixed function: no gradients, and no autograd graph
+        through them, so training only this level skips the inner network's backward. Exact while that adapter is
+        zero, as when this level is new: no gradient could then reach this level through the inner ones."""
+        for p in [*self.inner_unet.parameters(), *self.in_adapter.parameters()]:
+            p.requires_grad_(False)
+        self.inner_fixed = True
 
     def set_fp32_islands(self, enabled: bool) -> None:
         """Switch ml-mdm's float32 islands (time frequencies, softmax, upsampling) on or off everywhere."""
@@ -357,7 +367,8 @@ class NestedUNet(nn.Module):
             own, bl = a.shape[0], zs[1].shape[0]
             if bl > own:
                 a = torch.cat([a, a.new_zeros(bl - own, *a.shape[1:])])
-            lower, inner_feat = self.inner_unet._denoise(zs[1:], t, cemb, ctx, mask, micro, a)
+            with torch.no_grad() if self.inner_fixed else contextlib.nullcontext():
+                lower, inner_feat = self.inner_unet._denoise(zs[1:], t, cemb, ctx, mask, micro, a)
             x = x + self.out_adapter(inner_feat)[:own]
         for block in self.up_blocks:
             k = len(block.resnets)

@@ -148,6 +148,7 @@ class Phase:
     batch_size: int  # per-process micro-batch
     batches: Iterator[dict]  # the resumable data stream
     carried: list[str]  # parameters that came from before this phase
+    frozen: list[str]  # what the freeze window holds fixed: `carried` and the adapter feeding them
     carried_levels: int  # how many levels they make up
     data_shapes: list[tuple[int, int]]  # the full model's levels down to this phase's top (see `phase_input`)
 
@@ -161,11 +162,11 @@ class Phase:
         return self.start + self.spec.steps
 
     def drop_frozen_grads(self, step: int) -> None:
-        """Inside the freeze window, drop the carried parameters' gradients so the step leaves them unchanged."""
-        if step - self.start >= self.spec.freeze_inner_steps or not self.carried:
+        """Inside the freeze window, drop the frozen parameters' gradients so the step leaves them unchanged."""
+        if step - self.start >= self.spec.freeze_inner_steps or not self.frozen:
             return
         params = dict(self.net.named_parameters())
-        for name in self.carried:
+        for name in self.frozen:
             params[name].grad = None
 
 
@@ -189,6 +190,12 @@ def build_phase(
         load_inner(net, *seed_weights)
     prefix = "inner_unet." * (spec.levels - carried_levels)
     carried = [n for n, _ in net.named_parameters() if carried_levels and n.startswith(prefix)]
+    # The new level's zero-initialised adapter into the carried levels stays zero while they are frozen, so they
+    # predict exactly what they did when the phase began.
+    feed = prefix.removesuffix("inner_unet.") + "in_adapter."
+    frozen = carried + [n for n, _ in net.named_parameters() if carried and n.startswith(feed)]
+    if frozen and spec.freeze_inner_steps == spec.steps:  # frozen all phase: skip their backward altogether
+        net.levels()[spec.levels - carried_levels - 1].fix_inner()
     net.to(env.device).train()
     if tc.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -214,6 +221,7 @@ def build_phase(
         batch_size=batch,
         batches=iter(loader),
         carried=carried,
+        frozen=frozen,
         carried_levels=carried_levels,
         data_shapes=cfg.model.level_shapes()[: len(cfg.model.unet.levels()) - spec.levels + 1],
     )
