@@ -81,7 +81,12 @@ def base_config(model: str, seed: int, quick: bool) -> MDMConfig:
 def seconds_per_step(cfg: MDMConfig, workdir: Path) -> list[float]:
     """Training seconds per step of every phase: one untimed step entering the phase, then CALIBRATION_STEPS."""
     probe = copy.deepcopy(cfg)
-    probe.train.phases = [replace(ph, steps=CALIBRATION_STEPS + 2, freeze_inner_steps=0) for ph in probe.train.phases]
+    n = CALIBRATION_STEPS + 2
+    # A phase frozen whole steps faster (its inner is fixed: no backward through it), so it is calibrated frozen.
+    probe.train.phases = [
+        replace(ph, steps=n, freeze_inner_steps=n if ph.freeze_inner_steps == ph.steps else 0)
+        for ph in probe.train.phases
+    ]
     shutil.rmtree(workdir, ignore_errors=True)
     trainer = Trainer(probe, workdir, progress=False)
     times, end = [], 0
@@ -90,7 +95,7 @@ def seconds_per_step(cfg: MDMConfig, workdir: Path) -> list[float]:
         start = time.perf_counter()
         trainer.fit(end + 1 + CALIBRATION_STEPS)
         times.append((time.perf_counter() - start) / CALIBRATION_STEPS)
-        end += CALIBRATION_STEPS + 2
+        end += n
     shutil.rmtree(workdir)
     return times
 
