@@ -118,7 +118,8 @@ def test_growth_carries_inner_weights_and_keeps_base_loss(tmp_path: Path) -> Non
     grown = trainer.grow(1).net
     for k, v in base_net.state_dict().items():
         assert torch.equal(grown.inner_unet.state_dict()[k], v), k
-    assert set(trainer.phase.carried) == {f"inner_unet.{k}" for k, _ in base_net.named_parameters()}
+    carried = {f"inner_unet.{k}" for k, _ in base_net.named_parameters()}
+    assert set(trainer.phase.frozen) == carried | {"in_adapter.weight", "in_adapter.bias"}
 
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     g = torch.Generator().manual_seed(0)
@@ -209,7 +210,7 @@ def test_separate_runs_grow_from_init_inner_from(tmp_path: Path) -> None:
     trainer = Trainer(second, tmp_path / "second", progress=False)
     inner = trainer.grow(0).net.inner_unet.state_dict()
     assert_equal_states(base, {k: inner[k] for k in base})
-    assert len(trainer.phase.carried) == len(base)
+    assert len(trainer.phase.frozen) == len(base) + 2  # and the adapter's weight and bias
     trainer.fit()
     assert MDMPipeline.from_pretrained(tmp_path / "second/final").config.model.level_sizes() == [16, 8]
 

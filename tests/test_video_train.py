@@ -192,7 +192,8 @@ def test_init_inner_from_a_trained_image_model_keeps_its_prediction_bitwise(tmp_
     trainer = Trainer(video.validate("video"), tmp_path / "video", progress=False)
     net = trainer.grow(0).net
     assert_equal_states(base_state, {k: net.inner_unet.state_dict()[k] for k in base_state})
-    assert set(trainer.phase.carried) == {f"inner_unet.{k}" for k, _ in net.inner_unet.named_parameters()}
+    carried = {f"inner_unet.{k}" for k, _ in net.inner_unet.named_parameters()}
+    assert set(trainer.phase.frozen) == carried | {"in_adapter.weight", "in_adapter.bias"}
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # whatever the time level's weights (but its zero-initialised adapters), ...
         for name, p in net.named_parameters():

@@ -249,11 +249,16 @@ class NestedUNet(nn.Module):
             out.append(out[-1].inner_unet)
         return out
 
+    def inner_parameters(self) -> list[nn.Parameter]:
+        """The inner levels' parameters and the adapter feeding them this level's features: what freezing the
+        inner levels holds fixed (the adapter starts at zero, so held there they predict exactly as before)."""
+        return [*self.inner_unet.parameters(), *self.in_adapter.parameters()]
+
     def fix_inner(self) -> None:
-        """Make the inner levels and the adapter into them a fixed function: no gradients, and no autograd graph
-        through them, so training only this level skips the inner network's backward. Exact while that adapter is
-        zero, as when this level is new: no gradient could then reach this level through the inner ones."""
-        for p in [*self.inner_unet.parameters(), *self.in_adapter.parameters()]:
+        """Make `inner_parameters` a fixed function: no gradients, and no autograd graph through them, so training
+        only this level skips the inner network's backward. Exact while the adapter is zero, as when this level is
+        new: no gradient could then reach this level through the inner ones."""
+        for p in self.inner_parameters():
             p.requires_grad_(False)
         self.inner_fixed = True
 

@@ -147,8 +147,7 @@ class Phase:
     diffusion: MultiLevelDiffusion
     batch_size: int  # per-process micro-batch
     batches: Iterator[dict]  # the resumable data stream
-    carried: list[str]  # parameters that came from before this phase
-    frozen: list[str]  # what the freeze window holds fixed: `carried` and the adapter feeding them
+    frozen: list[str]  # what the freeze window holds: the carried levels and the adapter feeding them
     carried_levels: int  # how many levels they make up
     data_shapes: list[tuple[int, int]]  # the full model's levels down to this phase's top (see `phase_input`)
 
@@ -188,14 +187,11 @@ def build_phase(
     net = NestedUNet(sub.model)
     if seed_weights is not None:
         load_inner(net, *seed_weights)
-    prefix = "inner_unet." * (spec.levels - carried_levels)
-    carried = [n for n, _ in net.named_parameters() if carried_levels and n.startswith(prefix)]
-    # The new level's zero-initialised adapter into the carried levels stays zero while they are frozen, so they
-    # predict exactly what they did when the phase began.
-    feed = prefix.removesuffix("inner_unet.") + "in_adapter."
-    frozen = carried + [n for n, _ in net.named_parameters() if carried and n.startswith(feed)]
+    grown = net.levels()[spec.levels - carried_levels - 1]  # the level around the carried ones
+    held = {id(p) for p in grown.inner_parameters()} if carried_levels else set()
+    frozen = [n for n, p in net.named_parameters() if id(p) in held]
     if frozen and spec.freeze_inner_steps == spec.steps:  # frozen all phase: skip their backward altogether
-        net.levels()[spec.levels - carried_levels - 1].fix_inner()
+        grown.fix_inner()
     net.to(env.device).train()
     if tc.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -220,7 +216,6 @@ def build_phase(
         diffusion=MultiLevelDiffusion(sub.diffusion, sub.model.level_shapes()),
         batch_size=batch,
         batches=iter(loader),
-        carried=carried,
         frozen=frozen,
         carried_levels=carried_levels,
         data_shapes=cfg.model.level_shapes()[: len(cfg.model.unet.levels()) - spec.levels + 1],
