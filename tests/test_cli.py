@@ -194,5 +194,6 @@ def test_demo_text_trains_and_writes_captioned_samples(tmp_path, capsys):
     grid = Image.open(tmp_path / "demo_samples.png")
     assert grid.width > 2 * 128 and grid.height > 6 * 128, "12 captions, two per row, both levels at >= 128 px"
     pipe = MDMPipeline.from_pretrained(tmp_path / "final")
-    assert pipe.config.text.encoder == "bytes" and pipe.config.model.text_dim == 3136
+    assert pipe.config.text.encoder == "bytes" and pipe.config.text.word_buckets == 2048
+    assert pipe.config.model.text_dim == pipe.text_encoder.dim == 256 * 12 + 2048 + 64
     assert len(pipe.unet.levels()[-1].lm_head) == 2, "the byte transformer blocks are part of the trained network"

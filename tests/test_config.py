@@ -64,6 +64,8 @@ def test_round_trip_through_yaml(tmp_path):
         ),
         (lambda d: d["model"].update(fp32_islands="yes"), "'model.fp32_islands' must be bool"),
         (lambda d: d["model"]["unet"].update(micro_conditioning={"scale": 0}), "micro_conditioning.scale' must be > 0"),
+        (lambda d: d.update(text={"word_buckets": -1}), "'text.word_buckets' must be >= 0"),
+        (lambda d: d.update(text={"word_buckets": 64}), "'text.word_buckets' applies to text.encoder = bytes only"),
     ],
 )
 def test_bad_configs_name_file_key_and_expectation(tmp_path, mutate, needle):

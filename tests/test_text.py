@@ -70,6 +70,26 @@ def test_byte_encoder_features_and_mask() -> None:
     assert torch.equal(enc.encode(["a  b\n"])[0], enc.encode(["a b"])[0]), "any whitespace separates words"
 
 
+def test_byte_encoder_word_buckets_give_each_word_its_own_row() -> None:
+    enc = ByteEncoder(max_length=8, patch=4, word_buckets=2048)
+    assert enc.dim == 4 * 256 + 2048 + 64 and enc.name == "bytes:8:64:4:w2048"
+    assert ByteEncoder(8, patch=4).name == "bytes:8:64:4", "no buckets: the spelling-only encoder, named as before"
+    emb, _ = enc.encode(["red blue red", "blue"])
+    buckets = emb[..., 1024 : 1024 + 2048]
+    assert buckets.sum(-1).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]], "one bucket per token, none on the padding"
+    hot = buckets.argmax(-1)
+    assert hot[0, 0] == hot[0, 2] == enc.bucket(b"red") and hot[0, 1] == hot[1, 0] == enc.bucket(b"blue")
+    assert hot[0, 0] != hot[0, 1]
+    assert enc.bucket(b"red") == 269, "BLAKE2b, not Python's per-process salted hash: the same bucket everywhere"
+    torch.testing.assert_close(emb[..., :1024], ByteEncoder(8, patch=4).encode(["red blue red", "blue"])[0][..., :1024])
+    torch.testing.assert_close(emb[..., -64:], ByteEncoder(8, patch=4).encode(["red blue red", "blue"])[0][..., -64:])
+    cfg = TextConfig(encoder="bytes", max_length=8, word_buckets=2048)
+    assert load_text_encoder(cfg).dim == ByteEncoder(8, word_buckets=2048).dim
+    assert encoder_name(cfg) == "bytes:8:64:12:w2048"
+    with pytest.raises(ValueError, match="word_buckets >= 0"):
+        ByteEncoder(word_buckets=-1)
+
+
 def test_t5_encoder_masks_padding_and_matches_the_model(tiny_t5: Path) -> None:
     enc = TransformersEncoder("t5", str(tiny_t5))
     assert enc.dim == 48 and enc.unigram is None

@@ -213,6 +213,10 @@ class TextConfig:
         metadata={"help": "t5: ml-mdm's t5.vocab for the released models' tokenisation (default: PATH/t5.vocab)"},
     )
     max_length: int = field(default=128, metadata={"help": "token limit (the end token included)"})
+    word_buckets: int = field(
+        default=0,
+        metadata={"help": "bytes: each word also one-hot among this many hash buckets; 0 = spelling only"},
+    )
     max_chars: int = field(default=512, metadata={"help": "prompts are cut to this many characters first"})
     cache: str | None = field(
         default=None, metadata={"help": "directory of precomputed features (`mdm data embed`), used when set"}

@@ -152,6 +152,8 @@ def _text(cfg: MDMConfig, rule: _Rules) -> None:
     if t.encoder in ("t5", "clip"):
         rule(t.path is not None, "text.path", f"is needed for text.encoder = {t.encoder} (a directory or hub id)")
     rule(t.vocab is None or t.encoder == "t5", "text.vocab", "applies to text.encoder = t5 only")
+    rule(t.word_buckets >= 0, "text.word_buckets", "must be >= 0")
+    rule(t.word_buckets == 0 or t.encoder == "bytes", "text.word_buckets", "applies to text.encoder = bytes only")
 
 
 def _train(cfg: MDMConfig, rule: _Rules) -> None:

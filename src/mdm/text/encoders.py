@@ -12,6 +12,7 @@ Padding and the interface live in `mdm.text.base`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -27,21 +28,32 @@ from mdm.text.tokenizer import PAD_ID, UnigramTokenizer
 
 class ByteEncoder:
     """Words of UTF-8 bytes: one token per whitespace-separated word (longer words: one per `patch` bytes), its
-    bytes one-hot by slot, plus sinusoidal position features; a NUL token marks the end.
+    bytes one-hot by slot, optionally a one-hot of its hash among `word_buckets` buckets, plus sinusoidal
+    position features; a NUL token marks the end.
 
-    Width 256 x `patch` + `position_dim`. A linear layer on these rows is a learned embedding of every
-    spelling plus a learned position embedding, which is what the model's `lm_proj` applies before its
+    Width 256 x `patch` + `word_buckets` + `position_dim`. A linear layer on these rows is a learned embedding of
+    every spelling plus a learned position embedding, which is what the model's `lm_proj` applies before its
     transformer blocks: no vocabulary, and a caption is a dozen tokens rather than sixty bytes, so the cross-
-    attention and the pooled embedding are not diluted by per-byte tokens.
+    attention and the pooled embedding are not diluted by per-byte tokens. Spellings share slot features ("blue",
+    "black" and "background" all start with b), so telling words apart is learned slowly; the hash bucket gives
+    each word a row of its own (a word embedding that learns as fast as a class embedding), and the slots still
+    cover words the buckets confuse.
     """
 
-    def __init__(self, max_length: int = 128, position_dim: int = 64, patch: int = 12) -> None:
-        if max_length < 1 or position_dim % 2 or patch < 1:
-            raise ValueError("ByteEncoder: need max_length >= 1, an even position_dim and patch >= 1")
+    def __init__(self, max_length: int = 128, position_dim: int = 64, patch: int = 12, word_buckets: int = 0) -> None:
+        if max_length < 1 or position_dim % 2 or patch < 1 or word_buckets < 0:
+            raise ValueError(
+                "ByteEncoder: need max_length >= 1, an even position_dim, patch >= 1 and word_buckets >= 0"
+            )
         self.max_length, self.position_dim, self.patch = max_length, position_dim, patch
-        self.dim = 256 * patch + position_dim
-        self.name = f"bytes:{max_length}:{position_dim}:{patch}"
+        self.word_buckets = word_buckets
+        self.dim = 256 * patch + word_buckets + position_dim
+        self.name = f"bytes:{max_length}:{position_dim}:{patch}" + (f":w{word_buckets}" if word_buckets else "")
         self.device = torch.device("cpu")
+
+    def bucket(self, token: bytes) -> int:
+        """The hash bucket of a token: BLAKE2b of its bytes modulo word_buckets, the same in every process."""
+        return int.from_bytes(hashlib.blake2b(token, digest_size=8).digest(), "little") % self.word_buckets
 
     def tokens(self, prompt: str) -> list[bytes]:
         """The prompt's byte patches (NUL bytes removed, at most max_length - 1), then the NUL end token."""
@@ -50,18 +62,21 @@ class ByteEncoder:
         return [*patches[: self.max_length - 1], b"\x00"]
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Byte patches and positions (B, S, dim), zero on the padding; mask (B, S)."""
+        """Byte patches, word buckets and positions (B, S, dim), zero on the padding; mask (B, S)."""
         rows = [self.tokens(p) for p in prompts]
         mask = lengths_mask([len(r) for r in rows])
         length = mask.shape[1]
         feats = torch.zeros(len(rows), length, self.dim)
+        words = 256 * self.patch
         for i, row in enumerate(rows):
             for j, token in enumerate(row):
                 feats[i, j, [256 * k + b for k, b in enumerate(token)]] = 1
+                if self.word_buckets:
+                    feats[i, j, words + self.bucket(token)] = 1
         half = self.position_dim // 2
         freqs = torch.exp(-math.log(self.max_length) * torch.arange(half) / half)
         angles = torch.arange(length)[:, None] * freqs[None]
-        feats[..., 256 * self.patch :] = torch.cat([angles.sin(), angles.cos()], dim=1)
+        feats[..., words + self.word_buckets :] = torch.cat([angles.sin(), angles.cos()], dim=1)
         feats = feats * mask[..., None]
         return feats.to(self.device), mask.to(self.device)
 
@@ -174,7 +189,7 @@ def load_text_encoder(config: TextConfig, device: str | torch.device | None = No
 def build_encoder(config: TextConfig) -> ByteEncoder | TransformersEncoder:
     """The encoder itself (no cache) of a config whose text.encoder is set."""
     if config.encoder == "bytes":
-        return ByteEncoder(config.max_length)
+        return ByteEncoder(config.max_length, word_buckets=config.word_buckets)
     if config.path is None:
         raise ValueError(f"text.encoder = {config.encoder!r} needs text.path (a local directory or a hub id)")
     return TransformersEncoder(
@@ -193,7 +208,7 @@ def resolve_vocab(kind: str, path: str, vocab: str | None) -> str | None:
 def encoder_name(config: TextConfig) -> str:
     """The `name` the configured encoder reports, without loading it (caches are keyed by it)."""
     if config.encoder == "bytes":
-        return ByteEncoder(config.max_length).name
+        return ByteEncoder(config.max_length, word_buckets=config.word_buckets).name
     return _transformers_name(config.encoder, config.path, config.vocab, config.max_length, config.max_chars)
 
 
