@@ -189,12 +189,17 @@ def load_text_encoder(config: TextConfig, device: str | torch.device | None = No
 def build_encoder(config: TextConfig) -> ByteEncoder | TransformersEncoder:
     """The encoder itself (no cache) of a config whose text.encoder is set."""
     if config.encoder == "bytes":
-        return ByteEncoder(config.max_length, word_buckets=config.word_buckets)
+        return byte_encoder(config)
     if config.path is None:
         raise ValueError(f"text.encoder = {config.encoder!r} needs text.path (a local directory or a hub id)")
     return TransformersEncoder(
         config.encoder, config.path, config.dtype, config.max_length, config.max_chars, config.vocab
     )
+
+
+def byte_encoder(config: TextConfig) -> ByteEncoder:
+    """The ByteEncoder a config's text settings describe (its token limit and word buckets)."""
+    return ByteEncoder(config.max_length, word_buckets=config.word_buckets)
 
 
 def resolve_vocab(kind: str, path: str, vocab: str | None) -> str | None:
@@ -208,7 +213,7 @@ def resolve_vocab(kind: str, path: str, vocab: str | None) -> str | None:
 def encoder_name(config: TextConfig) -> str:
     """The `name` the configured encoder reports, without loading it (caches are keyed by it)."""
     if config.encoder == "bytes":
-        return ByteEncoder(config.max_length, word_buckets=config.word_buckets).name
+        return byte_encoder(config).name
     return _transformers_name(config.encoder, config.path, config.vocab, config.max_length, config.max_chars)
 
 
