@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from mdm.data.shapes import ShapesDataset
 from mdm.diffusion.process import build_pyramid
 from mdm.eval import (
     INCEPTION_ENV,
@@ -474,6 +475,11 @@ def test_eval_cli_per_level_fid_oracle_and_reference_round_trip(
     o = first["oracle"]
     assert o["num_generated"] == 14 and 0 <= o["accuracy"] <= 1 and 0 <= o["real_accuracy"] <= 1
     assert o["accuracy"] * 14 == pytest.approx(round(o["accuracy"] * 14))
+    per_class = o["per_class"]
+    assert list(per_class["accuracy"]) == ShapesDataset(32, 1).class_names
+    confusion = np.array(per_class["confusion"])
+    assert confusion.shape == (12, 12) and confusion.sum() == 14 and (confusion.sum(1) == [2, 2] + [1] * 10).all()
+    assert confusion.trace() == round(o["accuracy"] * 14) and "per requested class: red circle" in printed
     assert np.isfinite(o["fd"]) and np.isfinite(o["floor"]) and o["fd"] > 0 and o["floor"] > 0
     assert s["oracle"]["size"] == 32 and s["oracle"]["steps"] == 2  # the stand-in from the cache, not a new one
     assert any("not the standard Inception" in n for n in first["notes"])
@@ -529,7 +535,6 @@ def test_latents_depend_on_the_sample_index_not_the_batch() -> None:
 def test_text_model_prompts_clip_score_and_oracle_labels(
     text_model: Path, clip_dir: Path, oracle_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mdm.data.shapes import ShapesDataset
     from mdm.eval import evaluate_model
     from mdm.eval.oracle import REAL_SEED
 

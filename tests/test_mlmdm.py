@@ -23,6 +23,11 @@ from mdm.interop.safe_load import Placeholder, load_state_dict, restricted_load
 from tests.conftest import fixture_dir, load_fixture
 
 MODELS = ["unet", "nested", "nested2"]
+# The f64 variant rounds through float32 in four places, as ml-mdm does (fixtures README); float32 exp and softmax
+# kernels round differently on different CPUs (AVX2 against AVX-512: 1.1e-7 on O(1) outputs, 8.5e-10 relative on
+# the loss), so it is held to float32-island rounding. Both stay well below the 2e-6 (outputs) and 3e-8 (loss) that
+# separate it from f64_exact, which is pure float64 and held tight.
+LOSS_RTOL = {"f32": 1e-5, "f64": 1e-8, "f64_exact": 1e-10}
 
 
 def load(name: str, exact: bool = False, dtype: torch.dtype = torch.float32) -> MDMPipeline:
@@ -37,7 +42,7 @@ def load(name: str, exact: bool = False, dtype: torch.dtype = torch.float32) -> 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize(
     ("variant", "dtype", "tol"),
-    [("f32", torch.float32, 1e-4), ("f64", torch.float64, 1e-8), ("f64_exact", torch.float64, 1e-8)],
+    [("f32", torch.float32, 1e-4), ("f64", torch.float64, 5e-7), ("f64_exact", torch.float64, 1e-8)],
 )
 def test_forward_equals_reference(name, variant, dtype, tol):
     ref = load_fixture(f"{name}/forward.pt")
@@ -84,12 +89,9 @@ def test_loss_equals_reference(name, variant, dtype):
         gamma_key = "gamma_f64_exact" if variant == "f64_exact" else "gamma_f64"
         assert (out.gammas.double() - want[gamma_key]).abs().max() <= (1e-12 if dtype == torch.float64 else 1e-7)
         rel = ((out.loss.double() - want[f"loss_{variant}"]).abs() / want[f"loss_{variant}"].abs()).max()
-        assert rel <= (1e-10 if dtype == torch.float64 else 1e-5), (case, rel)
+        assert rel <= LOSS_RTOL[variant], (case, rel)
         torch.testing.assert_close(
-            out.level_mse.double(),
-            want[f"level_mse_{variant}"].double(),
-            rtol=1e-10 if dtype == torch.float64 else 1e-5,
-            atol=0,
+            out.level_mse.double(), want[f"level_mse_{variant}"].double(), rtol=LOSS_RTOL[variant], atol=0
         )
 
 

@@ -98,6 +98,23 @@ def test_evaluator_scores_class_and_motion_next_to_the_real_floor() -> None:
     assert result.class_accuracy == pytest.approx(5 / 6) and result.motion_accuracy == pytest.approx(4 / 6)
     assert result.real_class_accuracy == 1.0 and result.real_motion_accuracy == pytest.approx(0.9)
     assert result.fd > 0 and result.floor > 0
+    assert result.per_class is None and result.per_motion is None
+
+    named = MotionOracleEvaluator(Brightest(), ["red", "green", "blue"], ["dimmer", "brighter"])
+    named.add_generated(videos, asked)
+    named.add_real(real[:5], labels[:5], 0)
+    named.add_real(real[5:], labels[5:], 1)
+    per_class, per_motion = named.results().per_class, named.results().per_motion
+    assert per_class is not None and per_motion is not None
+    for breakdown, column in ((per_class, 0), (per_motion, 1)):
+        confusion = torch.tensor(breakdown.confusion)
+        assert confusion.sum() == 6 and confusion.trace() == (asked[:, column] == truth[:, column]).sum()
+        for i, value in enumerate(breakdown.accuracy.values()):
+            wanted = asked[:, column] == i
+            expect = None if not wanted.any() else float((truth[wanted, column] == i).double().mean())
+            assert value == (None if expect is None else pytest.approx(expect))
+    with pytest.raises(ValueError, match="both class_names and motion_names"):
+        MotionOracleEvaluator(Brightest(), ["red", "green", "blue"])
     unasked = MotionOracleEvaluator(Brightest())
     unasked.add_generated(videos, None)
     unasked.add_real(real[:5], labels[:5], 0)

@@ -146,6 +146,33 @@ def test_accuracy_fd_and_floor_on_a_hand_made_case() -> None:
     assert unconditional.results().accuracy is None
 
 
+def test_per_class_breakdown_counts_what_each_requested_label_was_read_as() -> None:
+    names = ["red", "green", "blue"]
+    seen = [0, 0, 1, 2, 2, 2]  # the brightest channel of each generated image
+    asked = torch.tensor([0, 1, 1, 2, 2, 0])  # red: 1 of 2 right, green: 1 of 2 (read as red), blue: 2 of 2
+    colours = torch.eye(3)[seen]
+    evaluator = OracleEvaluator(ChannelMeans(), label_names=[names])
+    evaluator.add_generated(flat(colours[:3].tolist()), asked[:3])
+    evaluator.add_generated(flat(colours[3:].tolist()), asked[3:])
+    evaluator.add_real(flat(torch.eye(3).tolist()), torch.arange(3), 0)
+    evaluator.add_real(flat(torch.eye(3).tolist()), torch.arange(3), 1)
+    result = evaluator.results()
+    assert result.accuracy == pytest.approx(4 / 6)
+    b = result.per_class
+    assert b is not None and b.accuracy == {"red": 0.5, "green": 0.5, "blue": 1.0}
+    assert b.confusion == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
+    assert b.line() == "red 50.0% (most often read as blue), green 50.0% (most often read as red), blue 100.0%"
+
+    partial = OracleEvaluator(ChannelMeans(), label_names=[names])
+    partial.add_generated(flat(torch.eye(3)[[0, 0, 2]].tolist()), torch.tensor([0, 0, 0]))  # red, red, blue seen
+    partial.add_real(flat(torch.eye(3).tolist()), torch.arange(3), 0)
+    partial.add_real(flat(torch.eye(3).tolist()), torch.arange(3), 1)
+    only_red = partial.results().per_class
+    assert only_red is not None and only_red.accuracy == {"red": pytest.approx(2 / 3), "green": None, "blue": None}
+    assert only_red.line() == "red 66.7% (most often read as blue)"
+    assert OracleEvaluator(ChannelMeans()).breakdowns() == []
+
+
 @pytest.mark.slow
 def test_oracle_reaches_99_percent_on_held_out_scenes_at_16px() -> None:
     start = time.perf_counter()

@@ -510,7 +510,10 @@ DATA = Path(__file__).parent / "data"
 def test_a_checkpoint_written_before_the_redesign_resumes(tmp_path: Path) -> None:
     """`data/legacy_run` is a run of a 16/8 px class model (phases of 2 and 3 steps, batch 2) stopped at step 3
     by the trainer as it was before the redesign (commit a453b12); `data/legacy_final.safetensors` is what that
-    trainer's uninterrupted run ended with."""
+    trainer's uninterrupted run ended with. The files were made on an AVX-512 CPU: there the resumed run, a fresh
+    one and the old trainer's end agree bit for bit. Other CPUs' float kernels round differently and AdamW's
+    normalised step amplifies that on near-zero weights (1.4e-4 seen on an AVX2 EPYC), so there they agree to half
+    an optimizer step (lr 1e-3); a replayed, skipped or reset step moves weights by a whole one."""
     run = tmp_path / "run"
     shutil.copytree(DATA / "legacy_run", run)
     cfg = load_config(run / "config.yaml")
@@ -522,8 +525,11 @@ def test_a_checkpoint_written_before_the_redesign_resumes(tmp_path: Path) -> Non
     finally:
         torch.set_num_threads(threads)
     resumed = load_file(final / "model.safetensors")
-    assert_equal_states(resumed, load_file(fresh / "model.safetensors"))
-    assert_equal_states(resumed, load_file(DATA / "legacy_final.safetensors"))
+    atol = 0.0 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 0.5 * cfg.train.lr
+    for other in (load_file(fresh / "model.safetensors"), load_file(DATA / "legacy_final.safetensors")):
+        assert resumed.keys() == other.keys()
+        for key, value in resumed.items():
+            torch.testing.assert_close(value, other[key], rtol=0, atol=atol, msg=key)
 
 
 def test_resume_inside_a_freeze_window_is_exact(tmp_path: Path) -> None:
@@ -562,6 +568,23 @@ def test_bf16_autocast_on_cpu_tracks_fp32_and_keeps_float32_weights(tmp_path: Pa
         assert {v.dtype for part in stored for v in part.values()} == {torch.float32}
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=0.02, atol=0)
     assert not torch.equal(losses["bf16"], losses["fp32"]), "bf16 autocast was not in effect"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mixed_precision=auto trains in bf16 on CPUs with AVX-512 BF16 / AMX and in fp32 elsewhere (emulated bf16 ran a
+    demo-video step 6.8x slower); an explicit bf16 is kept, with a warning where it is emulated."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    chosen = {}
+    for mode in ("auto", "bf16", "fp32"):
+        with caplog.at_level("WARNING", logger="mdm.train.step"):
+            caplog.clear()
+            chosen[mode] = Trainer(train_config(mixed_precision=mode), tmp_path / mode, progress=False).bf16
+        assert ("emulated" in caplog.text) == (mode == "bf16" and not native), mode
+    assert chosen == {"auto": native, "bf16": True, "fp32": False}
 
 
 def test_channels_last_training_matches_the_default_layout_and_saves_plain_tensors(tmp_path: Path) -> None:

@@ -285,6 +285,13 @@ def test_mdm_eval_of_a_video_model_per_frame_fid_temporal_psnr_and_motion_oracle
     for key in ("class_accuracy", "motion_accuracy", "real_class_accuracy", "real_motion_accuracy"):
         assert 0 <= o[key] <= 1 and o[key] * 6 == pytest.approx(round(o[key] * 6)), key
     assert o["fd"] > 0 and o["floor"] > 0 and report["settings"]["oracle"]["steps"] == 2  # the cached stand-in
+    clips = MovingShapesDataset(16, 4, 1, SHAPES, COLORS)
+    for kind, names in (("class", clips.class_names), ("motion", clips.motion_names)):
+        breakdown, confusion = o[f"per_{kind}"], torch.tensor(o[f"per_{kind}"]["confusion"])
+        assert list(breakdown["accuracy"]) == names and confusion.sum() == 6
+        assert confusion.trace() == round(o[f"{kind}_accuracy"] * 6)
+        assert [v is None for v in breakdown["accuracy"].values()] == (confusion.sum(1) == 0).tolist()
+    assert "per requested motion:" in printed and "per requested class:" in printed
 
 
 def test_bad_video_inputs_name_the_field(text_video: Path, tmp_path: Path, capsys) -> None:

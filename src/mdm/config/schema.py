@@ -309,7 +309,8 @@ class TrainConfig:
         default=False, metadata={"help": "EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n"}
     )
     mixed_precision: Literal["auto", "bf16", "fp32"] = field(
-        default="auto", metadata={"help": "auto: bf16 autocast on GPU, fp32 on CPU"}
+        default="auto",
+        metadata={"help": "auto: bf16 autocast where the hardware has it (CUDA, AVX-512 BF16 or AMX CPUs), else fp32"},
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     channels_last: bool = field(

@@ -27,6 +27,7 @@ from mdm.eval.kid import kid
 from mdm.eval.levels import consistency_mse, pool_levels, psnr
 from mdm.eval.oracle import (
     ORACLE_CACHE_ENV,
+    LabelBreakdown,
     Oracle,
     OracleEvaluator,
     OracleResult,
@@ -45,6 +46,7 @@ __all__ = [
     "FeatureAccumulator",
     "FeatureExtractor",
     "InceptionFeatures",
+    "LabelBreakdown",
     "LevelResult",
     "Oracle",
     "OracleEvaluator",

@@ -244,6 +244,7 @@ class EvalReport:
             lines.append(f"CLIP score: {self.clip_score:.3f}")
         if self.oracle is not None:
             lines.append(_oracle_line(self.oracle))
+            lines += _breakdown_lines(self.oracle)
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -264,6 +265,12 @@ def _oracle_line(o: OracleResult | MotionOracleResult) -> str:
         f"oracle: accuracy {_percent(o.accuracy)}, FD {o.fd:.4f} (real-vs-real floor {o.floor:.4f}), "
         f"accuracy on real images {_percent(o.real_accuracy)}"
     )
+
+
+def _breakdown_lines(o: OracleResult | MotionOracleResult) -> list[str]:
+    """The oracle accuracy per requested class (and motion), one line each, when it was measured."""
+    kinds = [("class", o.per_class)] + ([("motion", o.per_motion)] if isinstance(o, MotionOracleResult) else [])
+    return [f"  per requested {kind}: {b.line()}" for kind, b in kinds if b is not None]
 
 
 def _spread(i: int, n: int, length: int) -> int:
@@ -427,7 +434,8 @@ def _judging(
         )
         real = real_clips(m.image_size, m.num_frames, d.shapes, d.colors, d.motions, num)
         requested = _requested_labels(config, conditions, source, real)
-        return _Judging(judge, MotionOracleEvaluator(judge), requested, real, render_clips)
+        evaluator = MotionOracleEvaluator(judge, real.class_names, real.motion_names)
+        return _Judging(judge, evaluator, requested, real, render_clips)
     spec = oracle_spec(m.image_size, d.shapes, d.colors)
 
     def load(show: bool) -> Classifier:
@@ -437,7 +445,8 @@ def _judging(
 
     judge = _oracle(given, spec, ("size", "shapes", "colors"), load)
     real = real_dataset(m.image_size, d.shapes, d.colors, num)
-    return _Judging(judge, OracleEvaluator(judge), _requested_labels(config, conditions, source, real), real, render)
+    evaluator = OracleEvaluator(judge, label_names=[real.class_names])
+    return _Judging(judge, evaluator, _requested_labels(config, conditions, source, real), real, render)
 
 
 def evaluate_model(

@@ -31,6 +31,8 @@ from mdm.eval.oracle import (
     IMAGES_PER_CLASS,
     REAL_SEED,
     TRAIN_SEED,
+    Classifier,
+    LabelBreakdown,
     OracleEvaluator,
     SavedModel,
     cached,
@@ -233,7 +235,8 @@ def real_clips(
 class MotionOracleResult:
     """Class and motion accuracy of generated clips against what they were asked for (None when nothing was
     requested), the oracle Fréchet distance to real set A, the real-versus-real floor FD(A, B), and both accuracies
-    on the real sets (the oracle's own error rates)."""
+    on the real sets (the oracle's own error rates); with names given to the evaluator, the accuracy per requested
+    class and per requested motion."""
 
     num_generated: int
     class_accuracy: float | None
@@ -242,17 +245,29 @@ class MotionOracleResult:
     floor: float
     real_class_accuracy: float
     real_motion_accuracy: float
+    per_class: LabelBreakdown | None = None
+    per_motion: LabelBreakdown | None = None
 
 
 class MotionOracleEvaluator(OracleEvaluator):
     """The shapes oracle's evaluator with (class, motion) labels (N, 2): `add_generated(videos, labels)`,
-    `add_real(videos, labels, split)`, then the collective `results()`."""
+    `add_real(videos, labels, split)`, then the collective `results()`; `class_names` and `motion_names` (both or
+    neither) turn on the per-label breakdown."""
 
-    def __init__(self, oracle: MotionOracle) -> None:
-        super().__init__(oracle, (2,))
+    def __init__(
+        self, oracle: Classifier, class_names: list[str] | None = None, motion_names: list[str] | None = None
+    ) -> None:
+        if (class_names is None) != (motion_names is None):
+            raise ValueError("the per-label breakdown needs both class_names and motion_names (or neither)")
+        names = None if class_names is None or motion_names is None else [class_names, motion_names]
+        super().__init__(oracle, (2,), names)
 
     def results(self) -> MotionOracleResult:
-        """Both accuracies, FD(generated, A), FD(A, B) and the real accuracies over all ranks (collective)."""
+        """Both accuracies, FD(generated, A), FD(A, B), the real accuracies and the per-label breakdowns over all
+        ranks (collective)."""
         num, hits, fd, floor, real = self.measure()
         asked = [None if math.isnan(h) else float(h) for h in hits.tolist()]
-        return MotionOracleResult(num, asked[0], asked[1], fd, floor, float(real[0]), float(real[1]))
+        per_class, per_motion = self.breakdowns() or [None, None]
+        return MotionOracleResult(
+            num, asked[0], asked[1], fd, floor, float(real[0]), float(real[1]), per_class, per_motion
+        )

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mdm import io
 from mdm.data.shapes import ShapesDataset
+from mdm.distributed import reduce_to_cpu
 from mdm.eval.accumulate import FeatureAccumulator, RunningMean
 from mdm.eval.frechet import frechet_distance
 
@@ -303,34 +304,66 @@ class Classifier(Protocol):
 
 
 @dataclass(frozen=True)
+class LabelBreakdown:
+    """How one kind of requested label fared: per label name, the accuracy of the samples asked for it (None: none
+    were), and the confusion counts (rows: asked for, columns: what the oracle saw, in label order)."""
+
+    accuracy: dict[str, float | None]
+    confusion: list[list[int]]
+
+    def line(self) -> str:
+        """'name 95.0%, other 80.0% (most often read as x), ...', skipping labels nobody asked for."""
+        names = list(self.accuracy)
+        parts = []
+        for name, row in zip(names, self.confusion, strict=True):
+            value = self.accuracy[name]
+            if value is None:
+                continue
+            misses = [(count, names[j]) for j, count in enumerate(row) if names[j] != name and count > 0]
+            worst = f" (most often read as {max(misses)[1]})" if misses else ""
+            parts.append(f"{name} {100 * value:.1f}%{worst}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class OracleResult:
     """Accuracy of generated samples against their requested labels (None when none were requested), the oracle
-    Fréchet distance to real set A, the real-versus-real floor FD(A, B), and the accuracy on the real sets (the
-    oracle's own error rate)."""
+    Fréchet distance to real set A, the real-versus-real floor FD(A, B), the accuracy on the real sets (the
+    oracle's own error rate), and the accuracy per requested class (when the evaluator was given the class names)."""
 
     num_generated: int
     accuracy: float | None
     fd: float
     floor: float
     real_accuracy: float
+    per_class: LabelBreakdown | None = None
 
 
 class OracleEvaluator:
     """Accumulates generated images with their requested labels and the two real sets, on every rank;
-    `results()` is collective. `label_shape` is the shape of one sample's labels (() for one class label)."""
+    `results()` is collective. `label_shape` is the shape of one sample's labels (() for one class label);
+    `label_names`, one list of names per label column, turns on the per-label breakdown."""
 
-    def __init__(self, oracle: Classifier, label_shape: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, oracle: Classifier, label_shape: tuple[int, ...] = (), label_names: list[list[str]] | None = None
+    ) -> None:
         self.oracle = oracle
         self.generated = FeatureAccumulator(oracle.features, keep_features=False)
         self.real = [FeatureAccumulator(oracle.features, keep_features=False) for _ in range(2)]
         self.hits = RunningMean(label_shape)
         self.real_hits = RunningMean(label_shape)
+        self.label_names = label_names or []
+        self.confusion = [torch.zeros(len(n), len(n), dtype=torch.float64) for n in self.label_names]
 
     def add_generated(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Generated images (N, 3, S, S) in [-1, 1] and the labels they were asked for (N,), if any."""
         self.generated.update(images)
         if labels is not None:
-            self.hits.update((self.oracle.predict(images).cpu() == labels.cpu()).double())
+            predicted, labels = self.oracle.predict(images).cpu(), labels.cpu()
+            self.hits.update((predicted == labels).double())
+            for column, counts in enumerate(self.confusion):
+                asked, seen = labels.view(len(labels), -1)[:, column], predicted.view(len(labels), -1)[:, column]
+                counts.index_put_((asked, seen), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
 
     def add_real(self, images: torch.Tensor, labels: torch.Tensor, split: int) -> None:
         """Real images and their labels into set A (`split` 0, the reference) or B (1, for the floor)."""
@@ -344,7 +377,23 @@ class OracleEvaluator:
         fd, floor = frechet_distance(generated, first), frechet_distance(first, second)
         return self.generated.total(), self.hits.compute(), fd, floor, self.real_hits.compute()
 
+    def breakdowns(self) -> list[LabelBreakdown | None]:
+        """Per label column, the per-name accuracies and confusion counts over all ranks (collective); None for every
+        column when no labels were given anywhere."""
+        out: list[LabelBreakdown | None] = []
+        for names, local in zip(self.label_names, self.confusion, strict=True):
+            counts = reduce_to_cpu(local)
+            asked = counts.sum(1)
+            if not asked.any():
+                out.append(None)
+                continue
+            accuracy = {n: float(counts[i, i] / asked[i]) if asked[i] else None for i, n in enumerate(names)}
+            out.append(LabelBreakdown(accuracy, counts.long().tolist()))
+        return out
+
     def results(self) -> OracleResult:
-        """Accuracy, FD(generated, A), FD(A, B) and the real accuracy over all ranks (collective)."""
+        """Accuracy, FD(generated, A), FD(A, B), the real accuracy and the per-class breakdown over all ranks
+        (collective)."""
         num, hits, fd, floor, real_hits = self.measure()
-        return OracleResult(num, None if math.isnan(hits) else float(hits), fd, floor, float(real_hits))
+        per_class = (self.breakdowns() or [None])[0]
+        return OracleResult(num, None if math.isnan(hits) else float(hits), fd, floor, float(real_hits), per_class)

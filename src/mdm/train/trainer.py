@@ -34,7 +34,7 @@ from mdm.train.checkpoint import RunState, TrainingError
 from mdm.train.log import TrainLog
 from mdm.train.optim import learning_rate
 from mdm.train.phases import Phase, Weights
-from mdm.train.step import train_step
+from mdm.train.step import train_step, use_bf16
 
 log = logging.getLogger(__name__)
 SPEED_ONLY = {"num_workers"}  # data keys that a resumed run may change
@@ -73,7 +73,7 @@ class Trainer:
         self.text_encoder = self._checked_encoder(encoder)
         self.conditioner = Conditioner(self.cfg.model, lambda: self.text_encoder, self.env.device)
         tc = self.cfg.train
-        self.bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and self.env.device.type == "cuda")
+        self.bf16 = use_bf16(tc.mixed_precision, self.env.device)
         self.state = RunState()
         self.phase: Phase | None = None
         self.log = TrainLog(self.out, self.env.is_main)
