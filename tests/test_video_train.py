@@ -13,7 +13,16 @@ from safetensors.torch import load_file
 
 from mdm.app import serve
 from mdm.cli import main
-from mdm.config import ConfigError, DataConfig, MDMConfig, ModelConfig, PhaseConfig, UNetConfig, load_preset
+from mdm.config import (
+    ConfigError,
+    DataConfig,
+    MDMConfig,
+    ModelConfig,
+    PhaseConfig,
+    TrainConfig,
+    UNetConfig,
+    load_preset,
+)
 from mdm.data.loader import StreamSampler
 from mdm.data.moving_shapes import MovingShapesDataset
 from mdm.data.shapes import ShapesDataset
@@ -45,7 +54,8 @@ def video_config(steps: tuple[int, ...] = (2, 2, 2), text: bool = False, **train
     time.resample = "time"
     space = UNetConfig(channels=[16, 16], num_res_blocks=[1], num_groups=8, num_heads=2, temb_dim=32, inner=time)
     model = ModelConfig(image_size=16, num_frames=4, unet=space, **({"text_dim": 3136} if text else {"num_classes": 4}))
-    cfg = MDMConfig(model=model, data=DataConfig(dataset="moving_shapes", num_samples=64, shapes=SHAPES, colors=COLORS))
+    data = DataConfig(dataset="moving_shapes", num_samples=64, shapes=SHAPES, colors=COLORS)
+    cfg = MDMConfig(model=model, data=data, train=TrainConfig(mixed_precision="fp32"))  # exact comparisons on any CPU
     if text:
         cfg.text.encoder, cfg.text.max_length = "bytes", 16
     t = cfg.train
