@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from mdm.config import MDMConfig, ModelConfig
+from mdm.config import MDMConfig, ModelConfig, UNetConfig
 from mdm.diffusion.process import MultiLevelDiffusion
 from mdm.models.conditioning import Conditioning
 from mdm.models.unet import NestedUNet
@@ -183,3 +185,36 @@ def test_extra_micro_conditioning_values_change_the_output():
         )[0]
     torch.testing.assert_close(default, explicit)
     assert (default - other).abs().max() > 1e-4
+
+
+def _every_level(unet: UNetConfig, **kw: object) -> UNetConfig:
+    """`unet` with `kw` set at every level of the tree."""
+    inner = None if unet.inner is None else _every_level(unet.inner, **kw)
+    return dataclasses.replace(unet, inner=inner, **kw)
+
+
+def test_position_embedding_starts_at_zero_learns_and_pins_the_side():
+    cfg = tiny_config(levels=2)
+    plain = randomize_(NestedUNet(cfg.model))
+    placed = NestedUNet(dataclasses.replace(cfg.model, unet=_every_level(cfg.model.unet, position_embedding=True)))
+    loaded = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(loaded.missing_keys) == ["inner_unet.position_embedding", "position_embedding"]
+    assert not loaded.unexpected_keys
+    assert placed.position_embedding.shape == (32, 16, 16)
+    assert placed.inner_unet.position_embedding.shape == (32, 8, 8)
+    zs, t, cond = inputs(cfg)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(placed(zs, t, cond), plain(zs, t, cond), strict=True))
+
+    proc = MultiLevelDiffusion(cfg.diffusion, cfg.model.level_sizes())
+    proc.loss(placed, zs[0].clamp(-1, 1), cond, generator=torch.Generator().manual_seed(1)).loss.mean().backward()
+    for p in (placed.position_embedding, placed.inner_unet.position_embedding):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        placed.inner_unet.position_embedding.normal_(generator=torch.Generator().manual_seed(2))
+        moved = placed(zs, t, cond)
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(moved, plain(zs, t, cond), strict=True))
+    bigger = [torch.randn(2, 3, 2 * z.shape[-1], 2 * z.shape[-1]) for z in zs]
+    with pytest.raises(ValueError, match="position embedding is for 16x16 frames"):
+        placed(bigger, t, cond)

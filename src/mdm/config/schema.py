@@ -67,6 +67,10 @@ class UNetConfig:
         default=True,
         metadata={"help": "video: num_heads-head attention over frames after each ResNet of a stage with >1 frame"},
     )
+    position_embedding: bool = field(
+        default=False,
+        metadata={"help": "a learned per-pixel embedding (zero at init) added after conv_in: where each pixel is"},
+    )
     inner: UNetConfig | None = field(default=None, metadata={"help": "the network of the next lower level"})
 
     def __post_init__(self) -> None:

@@ -133,6 +133,8 @@ class NestedUNet(nn.Module):
         self.level = level
         self.nested = nested
         self.frames = config.num_frames if frames is None else frames  # frames this level takes (1: an image level)
+        depth = next(i for i, lv in enumerate(config.unet.levels()) if lv is level)
+        self.side = config.level_shapes()[depth][1]  # the side of this level's frames
         self.innermost = level.inner is None
         islands = config.fp32_islands
         ctx = config.context_dim()
@@ -161,6 +163,11 @@ class NestedUNet(nn.Module):
         ch = level.channels
         n = len(ch)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        # Zero padding tells a pixel little of where it is: a condition that says where things go (a motion word that
+        # fixes where a clip starts) is learnt only with an absolute position. Zero at init, so it changes nothing.
+        self.position_embedding = (
+            nn.Parameter(torch.zeros(ch[0], self.side, self.side)) if level.position_embedding else None
+        )
         skip_widths = [ch[0]]
         c = ch[0]
         down = []
@@ -354,6 +361,13 @@ class NestedUNet(nn.Module):
             clips = z.unflatten(0, (bh, self.frames))
             z = (clips / clips.std(dim=(1, 2, 3, 4), keepdim=True)).flatten(0, 1)
         x = self.conv_in(z.to(self.conv_in.weight.dtype))
+        if self.position_embedding is not None:
+            if x.shape[-2:] != self.position_embedding.shape[-2:]:
+                raise ValueError(
+                    f"this level's position embedding is for {self.side}x{self.side} frames (model.image_size = "
+                    f"{self.config.image_size}); it cannot take {x.shape[-2]}x{x.shape[-1]}"
+                )
+            x = x + self.position_embedding.to(x.dtype)
         if feat is not None:
             x = x + feat
         temb_h = temb[:bh]
