@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -199,8 +200,12 @@ def test_strict_inner_loading_names_the_keys(tmp_path: Path) -> None:
     wrong["conv_in.weight"] = torch.zeros(1, 3, 3, 3)
     with pytest.raises(ValueError, match=r"shape mismatch.*conv_in.weight"):
         load_inner(grown, wrong, 1, "ckpt")
-    with pytest.raises(ValueError, match="cannot be the inner network"):
-        load_inner(grown, grown.state_dict(), 2, "ckpt")
+    with pytest.raises(ValueError, match="a 2-level model cannot seed the levels of a 1-level one"):
+        load_inner(NestedUNet(phase_config(cfg, 1).model), grown.state_dict(), 2, "ckpt")
+    other = NestedUNet(cfg.model)
+    assert sorted(load_inner(other, grown.state_dict(), 2, "ckpt")) == sorted(n for n, _ in grown.named_parameters())
+    for (name, p), q in zip(grown.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_separate_runs_grow_from_init_inner_from(tmp_path: Path) -> None:
@@ -419,6 +424,25 @@ def test_train_config_validation() -> None:
     data["train"]["phases"] = [{"levels": 2, "steps": 2, "freeze_inner_steps": 3}]
     with pytest.raises(ConfigError, match="freeze_inner_steps"):
         config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 1, "steps": 2}, {"levels": 1, "steps": 2, "freeze_inner_steps": 1}]
+    with pytest.raises(ConfigError, match=r"phases\[1\].freeze_inner_steps' must be 0: the phase refines"):
+        config_from_dict(data)
+    for span in ([1000, 1000], [0, 1001], [-1, 10], [5]):
+        data["train"]["phases"] = [{"levels": 1, "steps": 2, "timesteps": span}]
+        with pytest.raises(ConfigError, match=r"phases\[0\].timesteps' needs \[lo, hi\] with 0 <= lo < hi <= "):
+            config_from_dict(data)
+    for share in (0.0, 1.5, float("nan")):
+        data["train"]["phases"] = [{"levels": 1, "steps": 2, "timesteps": [900, 1000], "timesteps_share": share}]
+        with pytest.raises(ConfigError, match=r"phases\[0\].timesteps_share' must be"):
+            config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 1, "steps": 2, "timesteps_share": 0.5}]
+    with pytest.raises(ConfigError, match="timesteps_share' needs timesteps"):
+        config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 1, "steps": 2, "loss_target": "noise"}]
+    with pytest.raises(ConfigError, match="loss_target"):
+        config_from_dict(data)
+    data["train"]["phases"] = [{"levels": 1, "steps": 2}, {"levels": 1, "steps": 2, "timesteps": [0, 1000]}]
+    assert config_from_dict(data).train.phases[1].timesteps == [0, 1000]
     data["train"]["phases"] = []
     data["train"]["batch_size"] = 0
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
@@ -531,6 +555,54 @@ def test_a_checkpoint_written_before_the_redesign_resumes(tmp_path: Path) -> Non
         assert resumed.keys() == other.keys()
         for key, value in resumed.items():
             torch.testing.assert_close(value, other[key], rtol=0, atol=atol, msg=key)
+
+
+def test_a_refine_phase_continues_the_same_levels_on_its_timesteps_and_loss(tmp_path: Path) -> None:
+    cfg = train_config(phases=((1, 2), (1, 3), (2, 2)), keep_checkpoints=10, mixed_precision="fp32")
+    cfg.train.phases[1].timesteps, cfg.train.phases[1].loss_target = [950, 1000], "v"
+    cfg.train.phases[2].freeze_inner_steps = 2
+    trainer = Trainer(cfg, tmp_path / "a", progress=False)
+    trainer.fit(max_steps=2)
+    before = trainer.phase.ema.state_dict()
+    refine = trainer.grow(1)
+    assert_equal_states(before, refine.net.state_dict())  # all of the base, nothing new around it
+    assert refine.frozen == [] and refine.config.diffusion.loss_target == "v"
+    assert trainer.phase_dir() == tmp_path / "a/phases/levels_1"
+    t, _, _ = draws(refine, cfg.train.seed, torch.arange(2000), torch.zeros(2000, 3, 8, 8))
+    assert t.min() == 950 and t.max() == 999
+    quarter = dataclasses.replace(refine, spec=dataclasses.replace(refine.spec, timesteps_share=0.25))
+    t, _, _ = draws(quarter, cfg.train.seed, torch.arange(4000), torch.zeros(4000, 3, 8, 8))
+    assert abs((t >= 950).float().mean().item() - (0.25 + 0.75 * 0.05)) < 0.02 and t.min() < 20
+    assert cfg.diffusion.loss_target == "eps" and trainer.grow(2).config.diffusion.loss_target == "eps"
+
+    final = Trainer(cfg, tmp_path / "b", progress=False).fit()
+    first = load_file(tmp_path / "b/phases/levels_1_phase_0/model.safetensors")
+    refined = load_file(tmp_path / "b/phases/levels_1/model.safetensors")
+    assert first.keys() == refined.keys()
+    assert all(not torch.equal(first[k], refined[k]) for k in first)  # the refine phase trains all of it
+    inner = load_file(final / "model.safetensors")  # held fixed all of phase 2: what phase 2 grew from
+    assert_equal_states(refined, {k.removeprefix("inner_unet."): v for k, v in inner.items() if k.startswith("inner_")})
+    records = [json.loads(x) for x in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == [0, 0, 1, 1, 1, 2, 2]
+
+    assert Trainer(cfg, tmp_path / "c", progress=False).fit(max_steps=4) is None
+    Trainer(cfg, tmp_path / "c", resume="latest", progress=False).fit()
+    assert_equal_states(weights(tmp_path / "b", 7)["model"], weights(tmp_path / "c", 7)["model"])
+
+
+def test_init_inner_from_a_model_of_all_the_levels_fine_tunes_it(tmp_path: Path) -> None:
+    Trainer(train_config(phases=((1, 2),)), tmp_path / "base", progress=False).fit()
+    base = load_file(tmp_path / "base/final/model.safetensors")
+    tune = train_config(phases=((1, 2),), init_inner_from=str(tmp_path / "base/final"))
+    tune.train.phases[0].timesteps = [900, 1000]
+    trainer = Trainer(tune, tmp_path / "tune", progress=False)
+    assert_equal_states(base, trainer.grow(0).net.state_dict())
+    final = trainer.fit()
+    assert MDMPipeline.from_pretrained(final).config.model.level_sizes() == [8]
+    held = train_config(phases=((1, 2),), init_inner_from=str(tmp_path / "base/final"))
+    held.train.phases[0].freeze_inner_steps = 1
+    with pytest.raises(ValueError, match=r"final: --init-inner-from model has all 1 level\(s\) of train.phases\[0\]"):
+        Trainer(held, tmp_path / "held", progress=False)
 
 
 def test_resume_inside_a_freeze_window_is_exact(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ import torch
 
 from mdm.config import MDMConfig, ModelConfig, UNetConfig
 from mdm.diffusion.process import MultiLevelDiffusion
+from mdm.models.blocks import position_code
 from mdm.models.conditioning import Conditioning
 from mdm.models.unet import NestedUNet
+from mdm.train.phases import load_inner
 from tests.conftest import inner_level, randomize_, tiny_config
 
 
@@ -193,7 +195,7 @@ def _every_level(unet: UNetConfig, **kw: object) -> UNetConfig:
     return dataclasses.replace(unet, inner=inner, **kw)
 
 
-def test_position_embedding_starts_at_zero_learns_and_pins_the_side():
+def test_position_embedding_starts_as_a_2d_code_learns_and_pins_the_side():
     cfg = tiny_config(levels=2)
     plain = randomize_(NestedUNet(cfg.model))
     placed = NestedUNet(dataclasses.replace(cfg.model, unet=_every_level(cfg.model.unet, position_embedding=True)))
@@ -202,19 +204,37 @@ def test_position_embedding_starts_at_zero_learns_and_pins_the_side():
     assert not loaded.unexpected_keys
     assert placed.position_embedding.shape == (32, 16, 16)
     assert placed.inner_unet.position_embedding.shape == (32, 8, 8)
+    code, x = placed.position_embedding.detach(), torch.arange(16.0)
+    for channel, wave in ((0, x.sin()), (1, (x * 10000 ** (-1 / 8)).sin()), (8, x.cos())):
+        torch.testing.assert_close(code[channel], wave.expand(16, 16))  # the column's code, the same in every row
+        torch.testing.assert_close(code[16 + channel], wave[:, None].expand(16, 16))  # the row's
+    assert torch.equal(placed.inner_unet.position_embedding, position_code(32, 8))
+
     zs, t, cond = inputs(cfg)
     with torch.no_grad():
+        for p in (placed.position_embedding, placed.inner_unet.position_embedding):
+            p.zero_()  # an addition after conv_in and nothing else: zeroed, the levels are the plain ones
         assert all(torch.equal(a, b) for a, b in zip(placed(zs, t, cond), plain(zs, t, cond), strict=True))
+        placed.inner_unet.position_embedding.copy_(position_code(32, 8))
+        moved = placed(zs, t, cond)
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(moved, plain(zs, t, cond), strict=True))
 
     proc = MultiLevelDiffusion(cfg.diffusion, cfg.model.level_sizes())
     proc.loss(placed, zs[0].clamp(-1, 1), cond, generator=torch.Generator().manual_seed(1)).loss.mean().backward()
     for p in (placed.position_embedding, placed.inner_unet.position_embedding):
         assert p.grad is not None and p.grad.abs().sum() > 0
-
-    with torch.no_grad():
-        placed.inner_unet.position_embedding.normal_(generator=torch.Generator().manual_seed(2))
-        moved = placed(zs, t, cond)
-        assert all((a - b).abs().max() > 1e-3 for a, b in zip(moved, plain(zs, t, cond), strict=True))
     bigger = [torch.randn(2, 3, 2 * z.shape[-1], 2 * z.shape[-1]) for z in zs]
     with pytest.raises(ValueError, match="position embedding is for 16x16 frames"):
         placed(bigger, t, cond)
+
+    # A new level with an embedding around a trained one (zero adapters) still reproduces the inner level.
+    outer = dataclasses.replace(cfg.model, unet=dataclasses.replace(cfg.model.unet, position_embedding=True))
+    grown = randomize_(NestedUNet(outer), seed=3)
+    with torch.no_grad():
+        for name, p in grown.named_parameters():
+            if "adapter" in name:
+                p.zero_()
+        load_inner(grown, plain.inner_unet.state_dict(), 1, "inner")
+        alone = NestedUNet(cfg.model.inner_model(1))
+        alone.load_state_dict(plain.inner_unet.state_dict())
+        assert torch.equal(grown(zs, t, cond)[1], alone(zs[1:], t, cond)[0])

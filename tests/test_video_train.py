@@ -252,7 +252,8 @@ def test_mdm_sample_writes_a_gif_strip_and_mp4_per_clip(text_video: Path, tmp_pa
 
 
 def test_mdm_demo_video_writes_the_grid_animation_and_the_frame_strip(tmp_path: Path, capsys) -> None:
-    tiny = "train.phases=[{levels: 1, steps: 1}, {levels: 2, steps: 1}, {levels: 3, steps: 1}]"
+    refine = "{levels: 1, steps: 1, timesteps: [950, 1000], timesteps_share: 0.5, loss_target: v}"  # as the preset's
+    tiny = f"train.phases=[{{levels: 1, steps: 1}}, {refine}, {{levels: 2, steps: 1}}, {{levels: 3, steps: 1}}]"
     sets = [tiny, "train.batch_size=2", "train.sample_count=0", "data.motions=[left, grow]"]
     args = ["demo", "--preset", "demo-video", "--out", str(tmp_path), "--steps", "2", "--per-class", "2"]
     assert main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
@@ -260,6 +261,9 @@ def test_mdm_demo_video_writes_the_grid_animation_and_the_frame_strip(tmp_path: 
     grid = read_clip(tmp_path / "demo_samples.gif")
     assert grid.shape[1] == 4 and grid.shape[-1] > 2 * 3 * 128  # two captions per row, three levels each
     assert read_clip(tmp_path / "demo_samples.png").shape[1] == 1
+    phases = sorted(p.name for p in (tmp_path / "phases").iterdir())
+    assert phases == ["levels_1", "levels_1_phase_0", "levels_2"]  # the base before and after its refine phase
+    assert [json.loads(x)["phase"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 @pytest.fixture

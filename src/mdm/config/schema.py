@@ -69,7 +69,7 @@ class UNetConfig:
     )
     position_embedding: bool = field(
         default=False,
-        metadata={"help": "a learned per-pixel embedding (zero at init) added after conv_in: where each pixel is"},
+        metadata={"help": "a learned per-pixel embedding (2-D sinusoidal at init) added after conv_in: where it is"},
     )
     inner: UNetConfig | None = field(default=None, metadata={"help": "the network of the next lower level"})
 
@@ -274,7 +274,11 @@ class DataConfig:
 
 @dataclass
 class PhaseConfig:
-    """One stage of progressive training: the innermost `levels` levels, trained for `steps` steps."""
+    """One stage of progressive training: the innermost `levels` levels, trained for `steps` steps.
+
+    A phase at as many levels as the one before refines that model (all of it trains). With `timesteps` and
+    `loss_target` it can work on one end of the schedule: near pure noise (t >= 950 of 1000) an eps loss is ~0
+    whatever the model predicts, so only a v or x0 loss teaches what a caption says about the layout there."""
 
     levels: int = field(default=1, metadata={"help": "how many levels (from the lowest) this phase trains"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in this phase"})
@@ -285,6 +289,15 @@ class PhaseConfig:
     lr: float | None = field(default=None, metadata={"help": "peak learning rate of this phase (None = train's)"})
     mixed_ratio: list[float] | None = field(
         default=None, metadata={"help": "mixed-resolution ratio for this phase (None = the diffusion one)"}
+    )
+    timesteps: list[int] | None = field(
+        default=None, metadata={"help": "draw network times t from [lo, hi) (None = all of 0..T-1)"}
+    )
+    timesteps_share: float = field(
+        default=1.0, metadata={"help": "share of samples whose t comes from `timesteps`; the rest: all of 0..T-1"}
+    )
+    loss_target: Prediction | None = field(
+        default=None, metadata={"help": "this phase's loss space (None = diffusion.loss_target)"}
     )
 
 

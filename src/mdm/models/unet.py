@@ -26,6 +26,7 @@ from mdm.models.blocks import (
     Attention2D,
     ResNet,
     TextBlock,
+    position_code,
     sinusoidal_embedding,
     timestep_frequencies,
     zero_,
@@ -164,10 +165,9 @@ class NestedUNet(nn.Module):
         n = len(ch)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         # Zero padding tells a pixel little of where it is: a condition that says where things go (a motion word that
-        # fixes where a clip starts) is learnt only with an absolute position. Zero at init, so it changes nothing.
-        self.position_embedding = (
-            nn.Parameter(torch.zeros(ch[0], self.side, self.side)) if level.position_embedding else None
-        )
+        # fixes where a clip starts) is learnt only with an absolute position. It starts as a 2-D sinusoidal code: from
+        # zero it grew too slowly to stand out of the noise at the start of sampling, where the layout is decided.
+        self.position_embedding = nn.Parameter(position_code(ch[0], self.side)) if level.position_embedding else None
         skip_widths = [ch[0]]
         c = ch[0]
         down = []

@@ -3,8 +3,9 @@ the previous phase's weights (strictly), and keeping the carried levels frozen f
 
 Phase k trains the model made of the innermost `levels` levels. Entering a phase builds that model and loads
 the previous phase's weights (or `init_inner_from`) into its inner network; the outer layers start from their
-initialisation and the zero-initialised adapters make the grown model reproduce the previous one. Every phase
-starts a fresh optimizer and LR warm-up, so one run with several phases and a chain of separate runs
+initialisation and the zero-initialised adapters make the grown model reproduce the previous one. A phase at the
+previous one's levels loads them all and refines that model (on a part of the schedule: `PhaseConfig.timesteps`).
+Every phase starts a fresh optimizer and LR warm-up, so one run with several phases and a chain of separate runs
 (`init_inner_from`) follow the same recipe.
 """
 
@@ -39,15 +40,17 @@ def plan(cfg: MDMConfig) -> list[PhaseConfig]:
     return cfg.train.phases or [PhaseConfig(levels=len(cfg.model.unet.levels()), steps=cfg.train.steps)]
 
 
-def phase_config(cfg: MDMConfig, levels: int, mixed_ratio: list[float] | None = None) -> MDMConfig:
+def phase_config(cfg: MDMConfig, levels: int, spec: PhaseConfig | None = None) -> MDMConfig:
     """The config of the model made of the innermost `levels` levels of `cfg` (weights and ratios sliced; a video
-    model's inner levels keep their own frames, so its innermost level alone is an image model)."""
+    model's inner levels keep their own frames, so its innermost level alone is an image model), with the mixed
+    ratio and loss space of the phase `spec` where it sets them."""
     first = len(cfg.model.unet.levels()) - levels
-    d = cfg.diffusion
+    d, spec = cfg.diffusion, spec or PhaseConfig(levels=levels)
     diffusion = dataclasses.replace(
         d,
         level_weights=None if d.level_weights is None else d.level_weights[first:],
-        mixed_ratio=cfg.phase_mixed_ratio(PhaseConfig(levels=levels, mixed_ratio=mixed_ratio)),
+        mixed_ratio=cfg.phase_mixed_ratio(spec),
+        loss_target=spec.loss_target or d.loss_target,
     )
     train = dataclasses.replace(cfg.train, phases=[])
     return dataclasses.replace(cfg, model=cfg.model.inner_model(levels), diffusion=diffusion, train=train)
@@ -95,13 +98,12 @@ def phase_input(x: torch.Tensor, shapes: list[tuple[int, int]], how: str) -> tor
 def load_inner(net: NestedUNet, state: dict[str, torch.Tensor], levels: int, source: str) -> list[str]:
     """Load a `levels`-level model's weights into the innermost `levels` levels of `net`, strictly.
 
-    Returns the loaded parameter names as seen from `net`. A key or shape mismatch raises naming the keys.
+    Returns the loaded parameter names as seen from `net` (all of them when `levels` is all of `net`'s). A key or
+    shape mismatch raises naming the keys.
     """
     depth = net.num_levels - levels
-    if depth < 1:
-        raise ValueError(
-            f"{source}: a {levels}-level model cannot be the inner network of a {net.num_levels}-level one"
-        )
+    if depth < 0:
+        raise ValueError(f"{source}: a {levels}-level model cannot seed the levels of a {net.num_levels}-level one")
     target = net.levels()[depth]
     io.check_keys(target.state_dict(), state, f"{source}: weights do not fit the inner {levels} level(s)")
     target.load_state_dict(state, strict=True)
@@ -128,6 +130,12 @@ def init_source(cfg: MDMConfig) -> Weights | None:
             f"{src}: --init-inner-from model has levels (frames, side) {shapes}, not the innermost {n} of this "
             f"model's {cfg.model.level_shapes()} (model.num_frames, model.image_size and the level tree)"
         )
+    first = plan(cfg)[0]
+    if n == first.levels and first.freeze_inner_steps:
+        raise ValueError(
+            f"{src}: --init-inner-from model has all {n} level(s) of train.phases[0], which refines it: its "
+            f"freeze_inner_steps must be 0"
+        )
     state, _ = io.read_safetensors(src / "model.safetensors")
     return state, n, str(src)
 
@@ -150,6 +158,7 @@ class Phase:
     frozen: list[str]  # what the freeze window holds: the carried levels and the adapter feeding them
     carried_levels: int  # how many levels they make up
     data_shapes: list[tuple[int, int]]  # the full model's levels down to this phase's top (see `phase_input`)
+    timesteps: tuple[int, int]  # the network times [lo, hi) a `timesteps_share` of its samples are drawn from
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """This phase's top level of a data batch read at `data_shape` or, a given dataset, at the model's shape."""
@@ -182,16 +191,18 @@ def build_phase(
     """Build phase `index`: its model (grown from `seed_weights` when given), optimizer, EMA and data stream."""
     phases = plan(cfg)
     spec, tc = phases[index], cfg.train
-    sub = phase_config(cfg, spec.levels, spec.mixed_ratio)
+    sub = phase_config(cfg, spec.levels, spec)
     torch.manual_seed(tc.seed + 7919 * index)
     net = NestedUNet(sub.model)
     if seed_weights is not None:
         load_inner(net, *seed_weights)
-    grown = net.levels()[spec.levels - carried_levels - 1]  # the level around the carried ones
-    held = {id(p) for p in grown.inner_parameters()} if carried_levels else set()
-    frozen = [n for n, p in net.named_parameters() if id(p) in held]
-    if frozen and spec.freeze_inner_steps == spec.steps:  # frozen all phase: skip their backward altogether
-        grown.fix_inner()
+    frozen: list[str] = []
+    if 0 < carried_levels < spec.levels:  # a grown model: the level around the carried ones may hold them fixed
+        grown = net.levels()[spec.levels - carried_levels - 1]
+        held = {id(p) for p in grown.inner_parameters()}
+        frozen = [n for n, p in net.named_parameters() if id(p) in held]
+        if spec.freeze_inner_steps == spec.steps:  # frozen all phase: skip their backward altogether
+            grown.fix_inner()
     net.to(env.device).train()
     if tc.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -219,4 +230,5 @@ def build_phase(
         frozen=frozen,
         carried_levels=carried_levels,
         data_shapes=cfg.model.level_shapes()[: len(cfg.model.unet.levels()) - spec.levels + 1],
+        timesteps=(spec.timesteps[0], spec.timesteps[1]) if spec.timesteps else (0, cfg.diffusion.num_train_timesteps),
     )

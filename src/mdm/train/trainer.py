@@ -283,9 +283,12 @@ class Trainer:
         return MDMPipeline(net.to(self.env.device).eval(), ph.config, text_encoder=self.text_encoder)
 
     def phase_dir(self) -> Path:
-        """Where the current phase's model goes when it ends: `final/` for the last phase."""
-        last = self.phase.index == len(self.plan) - 1
-        return self.out / ("final" if last else f"phases/levels_{self.phase.net.num_levels}")
+        """Where the current phase's model goes when it ends: `final/` for the last phase, `phases/levels_N/` for the
+        last N-level one (the model the next phase grows from), `phases/levels_N_phase_K/` before a refine phase."""
+        i, n = self.phase.index, self.phase.net.num_levels
+        if i == len(self.plan) - 1:
+            return self.out / "final"
+        return self.out / "phases" / (f"levels_{n}_phase_{i}" if self.plan[i + 1].levels == n else f"levels_{n}")
 
     def _samples(self, pipe: MDMPipeline) -> Path:
         """A grid of EMA samples with every level side by side: one cell per class (or caption); for a video phase
