@@ -1,9 +1,11 @@
 """Does a text-to-video model of the built-in moving shapes move the shape the way its caption says, and why not?
 
-Run from the repository root on a quiet machine, on any video model of `moving_shapes` (a phase's model too):
+Run from the repository root on a quiet machine, on any video model of `moving_shapes` (a phase's model too), or
+on its image base (a one-frame phase model: where it puts the first frame, next to the first frame of the data's
+`--frames`-frame clips; no travel):
 
     .venv/bin/python benchmarks/motion_probe.py --model runs/demo-video/final [--scenes 12] [--steps 25]
-        [--guidance 3] [--threads 2]
+        [--guidance 3] [--threads 2] [--frames 4]
 
 Table 1, per requested motion: where the shape is in the first frame (centre x, y as fractions of the side), how far
 it travels to the last frame (dx, dy) and how its area changes, in generated clips and in the data's clips of that
@@ -63,7 +65,8 @@ def captions(data: MovingShapesDataset, scenes: int, motion: str) -> list[str]:
 
 
 def generate(pipe: MDMPipeline, prompts: list[str], args: argparse.Namespace) -> torch.Tensor:
-    """The top level of one clip per prompt, the noise of scene i drawn from a generator seeded by i."""
+    """The top level of one clip per prompt (an image model's as one-frame clips), the noise of scene i drawn from a
+    generator seeded by i."""
     clips = []
     for i, prompt in enumerate(prompts):
         out = pipe(
@@ -73,7 +76,7 @@ def generate(pipe: MDMPipeline, prompts: list[str], args: argparse.Namespace) ->
             generator=torch.Generator().manual_seed(i),
             output_type="pt",
         )
-        clips.append(out.videos[0])
+        clips.append(out.videos[0] if out.videos is not None else out.levels[0][:, :, None])
     return torch.cat(clips)
 
 
@@ -82,7 +85,7 @@ def motion_table(pipe: MDMPipeline, data: MovingShapesDataset, args: argparse.Na
     print("| motion | x first | y first | dx | dy | area last/first |\n|---|---:|---:|---:|---:|---:|")
     for motion in data.motions:
         print(row(f"{motion} (generated)", generate(pipe, captions(data, args.scenes, motion), args)), flush=True)
-        real = (data.render(i) for i in range(len(data)) if data.scene(i).motion == motion)
+        real = (data.render(i)[:, : args.model_frames] for i in range(len(data)) if data.scene(i).motion == motion)
         print(row(f"{motion} (data)", torch.stack(list(itertools.islice(real, args.scenes)))), flush=True)
 
 
@@ -121,14 +124,17 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--timesteps", type=int, nargs="+", default=[999, 900, 750, 500, 250])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--frames", type=int, default=4, help="an image model's: the frames of the clips it starts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = MDMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     m, d = pipe.config.model, pipe.config.data
-    if not m.is_video() or d.dataset != "moving_shapes":
-        raise SystemExit(f"{args.model}: needs a video model trained on moving_shapes (data.dataset = {d.dataset})")
-    data = MovingShapesDataset(m.image_size, m.num_frames, 10_000, d.shapes, d.colors, d.motions, seed=EVAL_SEED)
+    if d.dataset != "moving_shapes":
+        raise SystemExit(f"{args.model}: needs a model trained on moving_shapes (data.dataset = {d.dataset})")
+    args.model_frames = m.num_frames
+    frames = m.num_frames if m.is_video() else args.frames
+    data = MovingShapesDataset(m.image_size, frames, 10_000, d.shapes, d.colors, d.motions, seed=EVAL_SEED)
     motion_table(pipe, data, args)
     sensitivity_table(pipe, data, args)
 

@@ -566,14 +566,15 @@ def test_a_refine_phase_continues_the_same_levels_on_its_timesteps_and_loss(tmp_
     before = trainer.phase.ema.state_dict()
     refine = trainer.grow(1)
     assert_equal_states(before, refine.net.state_dict())  # all of the base, nothing new around it
-    assert refine.frozen == [] and refine.config.diffusion.loss_target == "v"
+    assert refine.frozen == [] and refine.diffusion.config.loss_target == "v"
+    assert refine.config.diffusion.loss_target == "eps"  # what its saved model directory records
     assert trainer.phase_dir() == tmp_path / "a/phases/levels_1"
     t, _, _ = draws(refine, cfg.train.seed, torch.arange(2000), torch.zeros(2000, 3, 8, 8))
     assert t.min() == 950 and t.max() == 999
     quarter = dataclasses.replace(refine, spec=dataclasses.replace(refine.spec, timesteps_share=0.25))
     t, _, _ = draws(quarter, cfg.train.seed, torch.arange(4000), torch.zeros(4000, 3, 8, 8))
     assert abs((t >= 950).float().mean().item() - (0.25 + 0.75 * 0.05)) < 0.02 and t.min() < 20
-    assert cfg.diffusion.loss_target == "eps" and trainer.grow(2).config.diffusion.loss_target == "eps"
+    assert cfg.diffusion.loss_target == "eps" and trainer.grow(2).diffusion.config.loss_target == "eps"
 
     final = Trainer(cfg, tmp_path / "b", progress=False).fit()
     first = load_file(tmp_path / "b/phases/levels_1_phase_0/model.safetensors")
@@ -603,6 +604,12 @@ def test_init_inner_from_a_model_of_all_the_levels_fine_tunes_it(tmp_path: Path)
     held.train.phases[0].freeze_inner_steps = 1
     with pytest.raises(ValueError, match=r"final: --init-inner-from model has all 1 level\(s\) of train.phases\[0\]"):
         Trainer(held, tmp_path / "held", progress=False)
+    Trainer(train_config(phases=((1, 1), (2, 1))), tmp_path / "two", progress=False).fit()
+    smaller = train_config(phases=((1, 2), (2, 1)), init_inner_from=str(tmp_path / "two/final"))
+    with pytest.raises(
+        ValueError, match="two/final: --init-inner-from model has 2 levels, more than the first phase's 1"
+    ):
+        Trainer(smaller, tmp_path / "smaller", progress=False)
 
 
 def test_resume_inside_a_freeze_window_is_exact(tmp_path: Path) -> None:

@@ -209,6 +209,7 @@ def test_position_embedding_starts_as_a_2d_code_learns_and_pins_the_side():
         torch.testing.assert_close(code[channel], wave.expand(16, 16))  # the column's code, the same in every row
         torch.testing.assert_close(code[16 + channel], wave[:, None].expand(16, 16))  # the row's
     assert torch.equal(placed.inner_unet.position_embedding, position_code(32, 8))
+    assert torch.equal(position_code(6, 4)[4:], torch.zeros(2, 4, 4)) and not position_code(3, 4).any()  # left over
 
     zs, t, cond = inputs(cfg)
     with torch.no_grad():

@@ -252,7 +252,7 @@ def test_mdm_sample_writes_a_gif_strip_and_mp4_per_clip(text_video: Path, tmp_pa
 
 
 def test_mdm_demo_video_writes_the_grid_animation_and_the_frame_strip(tmp_path: Path, capsys) -> None:
-    refine = "{levels: 1, steps: 1, timesteps: [950, 1000], timesteps_share: 0.5, loss_target: v}"  # as the preset's
+    refine = "{levels: 1, steps: 1, timesteps: [950, 1000], timesteps_share: 0.75, loss_target: v}"  # as the preset's
     tiny = f"train.phases=[{{levels: 1, steps: 1}}, {refine}, {{levels: 2, steps: 1}}, {{levels: 3, steps: 1}}]"
     sets = [tiny, "train.batch_size=2", "train.sample_count=0", "data.motions=[left, grow]"]
     args = ["demo", "--preset", "demo-video", "--out", str(tmp_path), "--steps", "2", "--per-class", "2"]

@@ -386,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4")
     t.add_argument("--out", default="runs/train", help="run directory")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    t.add_argument("--init-inner-from", default=None, help="model directory whose weights seed the inner levels")
+    t.add_argument(
+        "--init-inner-from",
+        default=None,
+        help="model directory whose weights seed the inner levels (all of them: fine-tune it)",
+    )
     t.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this step")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much training")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)")

@@ -277,8 +277,8 @@ class PhaseConfig:
     """One stage of progressive training: the innermost `levels` levels, trained for `steps` steps.
 
     A phase at as many levels as the one before refines that model (all of it trains). With `timesteps` and
-    `loss_target` it can work on one end of the schedule: near pure noise (t >= 950 of 1000) an eps loss is ~0
-    whatever the model predicts, so only a v or x0 loss teaches what a caption says about the layout there."""
+    `loss_target` it can work on one end of the schedule: an eps loss weighs errors of x0 by the SNR, ~0 near pure
+    noise (t >= 950 of 1000), so only a v or x0 loss teaches there what a caption says about the layout."""
 
     levels: int = field(default=1, metadata={"help": "how many levels (from the lowest) this phase trains"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in this phase"})
@@ -338,7 +338,8 @@ class TrainConfig:
         default="ema", metadata={"help": "which weights of the previous phase seed the inner network"}
     )
     init_inner_from: str | None = field(
-        default=None, metadata={"help": "model directory whose weights seed the inner levels of the first phase"}
+        default=None,
+        metadata={"help": "model directory seeding the first phase's inner levels (or all of them: a fine-tune)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, noise, timesteps and dropout"})
     log_every: int = field(default=10, metadata={"help": "log.jsonl / TensorBoard interval in steps"})

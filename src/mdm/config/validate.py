@@ -177,7 +177,7 @@ def _train(cfg: MDMConfig, rule: _Rules) -> None:
     for i, ph in enumerate(tr.phases):
         key = f"train.phases[{i}]"
         rule.finite(ph.lr, f"{key}.lr")
-        rule(max(previous, 1) <= ph.levels <= n_levels, f"{key}.levels", f"= {ph.levels} must not shrink from the previous phase ({previous}) and be at most the model's {n_levels} levels")
+        rule(max(previous, 1) <= ph.levels <= n_levels, f"{key}.levels", f"= {ph.levels} must be at least 1 and the previous phase's {previous}, and at most the model's {n_levels} levels")
         rule(ph.levels > previous or ph.freeze_inner_steps == 0, f"{key}.freeze_inner_steps", f"must be 0: the phase refines the previous phase's {previous} level(s), with nothing new around them")
         span, T = ph.timesteps, cfg.diffusion.num_train_timesteps
         rule(span is None or (len(span) == 2 and 0 <= span[0] < span[1] <= T), f"{key}.timesteps", f"needs [lo, hi] with 0 <= lo < hi <= diffusion.num_train_timesteps ({T}), got {span}")

@@ -54,11 +54,11 @@ def attention(
 def position_code(channels: int, side: int) -> torch.Tensor:
     """A (channels, side, side) 2-D sinusoidal position code: [sin, cos] of the column at channels // 4 frequencies
     (the time embedding's table) in the first half, of the row in the second; any channels left over are 0."""
-    d = channels // 4
-    code = sinusoidal_embedding(torch.arange(side), timestep_frequencies(8 * d, fp32=True)).T  # (2 d, side)
-    out = torch.zeros(channels, side, side)
-    out[: 2 * d] = code[:, None, :].expand(-1, side, -1)
-    out[2 * d : 4 * d] = code[:, :, None].expand(-1, -1, side)
+    d, out = channels // 4, torch.zeros(channels, side, side)
+    if d:
+        code = sinusoidal_embedding(torch.arange(side), timestep_frequencies(8 * d, fp32=True)).T  # (2 d, side)
+        out[: 2 * d] = code[:, None, :].expand(-1, side, -1)
+        out[2 * d : 4 * d] = code[:, :, None].expand(-1, -1, side)
     return out
 
 

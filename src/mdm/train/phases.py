@@ -43,14 +43,13 @@ def plan(cfg: MDMConfig) -> list[PhaseConfig]:
 def phase_config(cfg: MDMConfig, levels: int, spec: PhaseConfig | None = None) -> MDMConfig:
     """The config of the model made of the innermost `levels` levels of `cfg` (weights and ratios sliced; a video
     model's inner levels keep their own frames, so its innermost level alone is an image model), with the mixed
-    ratio and loss space of the phase `spec` where it sets them."""
+    ratio of the phase `spec` where it sets one. (Its loss space is the phase's training only, never saved.)"""
     first = len(cfg.model.unet.levels()) - levels
     d, spec = cfg.diffusion, spec or PhaseConfig(levels=levels)
     diffusion = dataclasses.replace(
         d,
         level_weights=None if d.level_weights is None else d.level_weights[first:],
         mixed_ratio=cfg.phase_mixed_ratio(spec),
-        loss_target=spec.loss_target or d.loss_target,
     )
     train = dataclasses.replace(cfg.train, phases=[])
     return dataclasses.replace(cfg, model=cfg.model.inner_model(levels), diffusion=diffusion, train=train)
@@ -131,6 +130,8 @@ def init_source(cfg: MDMConfig) -> Weights | None:
             f"model's {cfg.model.level_shapes()} (model.num_frames, model.image_size and the level tree)"
         )
     first = plan(cfg)[0]
+    if n > first.levels:
+        raise ValueError(f"{src}: --init-inner-from model has {n} levels, more than the first phase's {first.levels}")
     if n == first.levels and first.freeze_inner_steps:
         raise ValueError(
             f"{src}: --init-inner-from model has all {n} level(s) of train.phases[0], which refines it: its "
@@ -224,7 +225,10 @@ def build_phase(
         model=distributed.wrap(net, env, tc.strategy, blocks),
         optimizer=make_optimizer(net, tc),
         ema=EMA(net, tc.ema_decay, tc.ema_warmup),
-        diffusion=MultiLevelDiffusion(sub.diffusion, sub.model.level_shapes()),
+        diffusion=MultiLevelDiffusion(
+            dataclasses.replace(sub.diffusion, loss_target=spec.loss_target or sub.diffusion.loss_target),
+            sub.model.level_shapes(),
+        ),
         batch_size=batch,
         batches=iter(loader),
         frozen=frozen,

@@ -54,8 +54,8 @@ def _mix(seed: int, position: int) -> int:
 def draws(
     phase: Phase, seed: int, positions: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """Per-sample timestep (uniform over the phase's range), per-level noise and condition-dropout flags from
-    generators seeded (seed, q)."""
+    """Per-sample timestep (uniform over the phase's range, or over the whole schedule for a 1 - timesteps_share of
+    the samples), per-level noise and condition-dropout flags from generators seeded (seed, q)."""
     d, device, share = phase.diffusion, x.device, phase.spec.timesteps_share
     shapes = d.item_shapes(x.shape[1])
     ts, coins, noise = [], [], [[] for _ in shapes]
@@ -63,8 +63,12 @@ def draws(
     for q in positions.tolist():
         g.manual_seed(_mix(seed, q))
         t = torch.randint(*phase.timesteps, (1,), generator=g, device=device)
-        if share < 1 and torch.rand(1, generator=g, device=device) >= share:
-            t = torch.randint(0, d.T, (1,), generator=g, device=device)
+        if share < 1:  # both drawn and picked on the device: no host sync per sample
+            coin, anywhere = (
+                torch.rand(1, generator=g, device=device),
+                torch.randint(0, d.T, (1,), generator=g, device=device),
+            )
+            t = torch.where(coin < share, t, anywhere)
         ts.append(t)
         coins.append(torch.rand(1, generator=g, device=device))
         for level, shape in zip(noise, shapes, strict=True):

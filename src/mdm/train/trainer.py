@@ -160,7 +160,8 @@ class Trainer:
         return self.phase
 
     def grow(self, index: int) -> Phase:
-        """Enter phase `index`, its inner levels seeded by the previous phase (or `init_inner_from`)."""
+        """Enter phase `index`, its inner levels (all of them in a refine phase) seeded by the previous phase (or
+        `init_inner_from`)."""
         if self.phase is not None:
             prev = self.phase
             grow_ema = self.cfg.train.grow_from == "ema"
