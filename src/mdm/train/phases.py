@@ -43,7 +43,7 @@ def plan(cfg: MDMConfig) -> list[PhaseConfig]:
 def phase_config(cfg: MDMConfig, levels: int, spec: PhaseConfig | None = None) -> MDMConfig:
     """The config of the model made of the innermost `levels` levels of `cfg` (weights and ratios sliced; a video
     model's inner levels keep their own frames, so its innermost level alone is an image model), with the mixed
-    ratio of the phase `spec` where it sets one. (Its loss space is the phase's training only, never saved.)"""
+    ratio of the phase `spec` where it sets one."""
     first = len(cfg.model.unet.levels()) - levels
     d, spec = cfg.diffusion, spec or PhaseConfig(levels=levels)
     diffusion = dataclasses.replace(
@@ -159,7 +159,6 @@ class Phase:
     frozen: list[str]  # what the freeze window holds: the carried levels and the adapter feeding them
     carried_levels: int  # how many levels they make up
     data_shapes: list[tuple[int, int]]  # the full model's levels down to this phase's top (see `phase_input`)
-    timesteps: tuple[int, int]  # the network times [lo, hi) a `timesteps_share` of its samples are drawn from
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """This phase's top level of a data batch read at `data_shape` or, a given dataset, at the model's shape."""
@@ -225,7 +224,7 @@ def build_phase(
         model=distributed.wrap(net, env, tc.strategy, blocks),
         optimizer=make_optimizer(net, tc),
         ema=EMA(net, tc.ema_decay, tc.ema_warmup),
-        diffusion=MultiLevelDiffusion(
+        diffusion=MultiLevelDiffusion(  # the phase's loss space trains it; its saved config keeps the run's
             dataclasses.replace(sub.diffusion, loss_target=spec.loss_target or sub.diffusion.loss_target),
             sub.model.level_shapes(),
         ),
@@ -234,5 +233,4 @@ def build_phase(
         frozen=frozen,
         carried_levels=carried_levels,
         data_shapes=cfg.model.level_shapes()[: len(cfg.model.unet.levels()) - spec.levels + 1],
-        timesteps=(spec.timesteps[0], spec.timesteps[1]) if spec.timesteps else (0, cfg.diffusion.num_train_timesteps),
     )

@@ -57,12 +57,13 @@ def draws(
     """Per-sample timestep (uniform over the phase's range, or over the whole schedule for a 1 - timesteps_share of
     the samples), per-level noise and condition-dropout flags from generators seeded (seed, q)."""
     d, device, share = phase.diffusion, x.device, phase.spec.timesteps_share
+    lo, hi = phase.spec.timesteps or (0, d.T)
     shapes = d.item_shapes(x.shape[1])
     ts, coins, noise = [], [], [[] for _ in shapes]
     g = torch.Generator(device=device)
     for q in positions.tolist():
         g.manual_seed(_mix(seed, q))
-        t = torch.randint(*phase.timesteps, (1,), generator=g, device=device)
+        t = torch.randint(lo, hi, (1,), generator=g, device=device)
         if share < 1:  # both drawn and picked on the device: no host sync per sample
             coin, anywhere = (
                 torch.rand(1, generator=g, device=device),
