@@ -114,17 +114,23 @@ def test_train_stop_resume_then_sample_by_class_name(tmp_path, capsys):
     assert [Image.open(p).size for p in sorted((plain / "level_16").glob("*.png"))] == [(16, 16)] * 2
     pipe = MDMPipeline.from_pretrained(f"{run}/final")
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
+    request = dict(
         class_labels=["green square", 0],
         num_inference_steps=2,
         sampler="dpmpp_2m",
         spacing="trailing",
         guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(3),
         output_type="np",
     )
+    out = pipe(**request, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(top[1])), out.images[1]), "plain PNGs are the pipeline's pixels"
     assert np.array_equal(np.asarray(Image.open(plain / "level_16" / "00000.png")), out.levels[1][0])
+    assert pipe.config.diffusion.level_projection, "the demo preset samples with level projection"
+    unprojected = tmp_path / "unprojected"
+    assert main([*cmd, *fast[:-1], str(unprojected), "--no-level-projection"]) == 0
+    apart = pipe(**request, generator=torch.Generator().manual_seed(3), level_projection=False)
+    assert np.array_equal(np.asarray(Image.open(unprojected / "plain" / "00001.png")), apart.images[1])
+    assert not np.array_equal(apart.images, out.images), "--no-level-projection reaches the sampler"
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):

@@ -9,6 +9,7 @@ from mdm.diffusion.process import (
     convert,
     mixed_fractions,
     predict_x0,
+    project_levels,
     q_sample,
     target,
 )
@@ -23,6 +24,40 @@ def test_pyramid_is_repeated_box_filter():
     torch.testing.assert_close(levels[2], F.avg_pool2d(x, 16))
     with pytest.raises(ValueError, match="images must be 32x32"):
         build_pyramid(x[..., :16, :16], [32, 8])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "how"),
+    [
+        ([32, 8, 2], "first"),
+        ([(8, 16), (4, 16), (4, 8), (1, 4)], "first"),
+        ([(8, 16), (2, 8)], "middle"),
+        ([(4, 8), (2, 4)], "mean"),
+    ],
+)
+def test_projected_levels_are_the_pyramid_of_the_level_above_and_keep_its_detail(shapes, how):
+    gen = torch.Generator().manual_seed(0)
+    frames = [1 if isinstance(s, int) else s[0] for s in shapes]
+    sides = [s if isinstance(s, int) else s[1] for s in shapes]
+    clips = any(f > 1 for f in frames)
+    x0 = [
+        torch.randn(2, 3, *((f,) if clips else ()), s, s, generator=gen, dtype=torch.float64)
+        for f, s in zip(frames, sides, strict=True)
+    ]
+    out = project_levels(x0, how)
+    assert torch.equal(out[-1], x0[-1]), "the lowest level is kept"
+    for i in range(len(shapes) - 1):
+        below = build_pyramid(out[i], shapes[i : i + 2], how)[1]
+        torch.testing.assert_close(below, out[i + 1], atol=1e-12, rtol=0)
+        assert (out[i] - x0[i]).abs().max() > 0.1, f"level {i} was corrected"
+    # The correction is constant over each block a lower pixel stands for: the level's own detail is untouched.
+    ratio = sides[0] // sides[1]
+    change = out[0] - x0[0]
+    blocks = change[..., ::ratio, ::ratio].repeat_interleave(ratio, -2).repeat_interleave(ratio, -1)
+    torch.testing.assert_close(change, blocks)
+    consistent = build_pyramid(x0[0], shapes, how)
+    for a, b in zip(project_levels(consistent, how), consistent, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("src", ["v", "eps", "x0"])

@@ -254,3 +254,37 @@ def test_logsnr_and_karras_spacings_follow_their_targets():
     sigmas = (hi + torch.arange(10, dtype=F64) / 9 * (lo - hi)) ** 7
     index_width = (lam[1] - lam[2]).item()
     assert ((-sigmas.log() - lam[karras[:-1]]).abs() <= index_width / 2 + 1e-9).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_level_projection_makes_the_levels_one_image_and_keeps_the_top_levels_detail(sampler):
+    gammas, _ = two_levels()
+    gen = torch.Generator().manual_seed(3)
+    top = (torch.rand(2, 3, 8, 8, generator=gen, dtype=F64) - 0.5) / 2
+    low = torch.rand(2, 3, 2, 2, generator=gen, dtype=F64) - 0.5  # the projected top level stays inside [-1, 1]
+
+    def disagreeing(zs, t, cond):
+        """Predicts x0 = `top` and `low`, two levels that are not one image."""
+        return [top.expand_as(zs[0]), low.expand_as(zs[1])]
+
+    noise = [torch.randn(2, 3, 8, 8, dtype=F64), torch.randn(2, 3, 2, 2, dtype=F64)]
+    kw = dict(prediction_type="x0", sampler=sampler, thresholding="none", progress=False)
+    seen = []
+    plain = run(disagreeing, noise, gammas, timestep_grid(6), **kw)
+    projected = run(
+        disagreeing,
+        noise,
+        gammas,
+        timestep_grid(6),
+        level_projection=True,
+        x0_callback=lambda i, x0: seen.append(x0),
+        **kw,
+    )
+    assert close(plain.levels, [top, low]) <= 1e-12
+    pooled = torch.nn.functional.avg_pool2d(projected.levels[0], 4)
+    assert (pooled - low).abs().max() <= 1e-12, "the top level's pyramid is the level below"
+    assert torch.equal(projected.levels[1], plain.levels[1]), "the lowest level is kept"
+    detail = projected.levels[0] - torch.nn.functional.interpolate(pooled, scale_factor=4)
+    expected = top - torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(top, 4), scale_factor=4)
+    assert (detail - expected).abs().max() <= 1e-12, "what the top level adds to the one below is its own"
+    assert all((torch.nn.functional.avg_pool2d(x0[0], 4) - x0[1]).abs().max() <= 1e-12 for x0 in seen)

@@ -115,6 +115,7 @@ def _sample(args: argparse.Namespace) -> int:
         guidance_interval=args.guidance_interval,
         eta=args.eta,
         thresholding=args.thresholding,
+        level_projection=args.level_projection,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     )
@@ -303,6 +304,7 @@ def _eval(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             sampler=args.sampler,
             spacing=args.spacing,
+            level_projection=args.level_projection,
             seed=args.seed,
             save_reference=args.save_ref,
             device=env.device,
@@ -323,6 +325,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency)
     return 0
+
+
+def _level_projection_flag(parser: argparse.ArgumentParser) -> None:
+    """--level-projection / --no-level-projection, default the model's diffusion.level_projection."""
+    parser.add_argument(
+        "--level-projection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make every level's x0 agree with the level below while sampling (default: diffusion.level_projection)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="guide only in this logSNR range",
     )
+    _level_projection_flag(s)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (>= 0)")
     s.add_argument("--thresholding", choices=["clip", "dynamic", "dynamic_if", "none"], default=None)
     s.add_argument("--seed", type=int, default=0)
@@ -455,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the model's diffusion.sampler")
     ev.add_argument("--spacing", choices=list(SPACINGS), default=None, help="default: the model's diffusion.spacing")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
+    _level_projection_flag(ev)
     ev.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
     ev.add_argument("--inception", default=None, help="TorchScript Inception .pt (default: $MDM_INCEPTION_PATH)")
     ev.add_argument("--save-ref", default=None, help="write the data's top-level statistics to this .npz")

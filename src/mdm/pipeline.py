@@ -196,6 +196,7 @@ class MDMPipeline:
         generator: torch.Generator | None,
         callback: StepCallback | None,
         x0_callback: X0Callback | None = None,
+        level_projection: bool = False,
     ) -> SampleResult:
         """Run the sampler over `grid` from `latents` to images at every level, guided when `conditions` has an
         unconditional branch."""
@@ -216,6 +217,8 @@ class MDMPipeline:
             progress=self.progress,
             callback=callback,
             x0_callback=x0_callback,
+            level_projection=level_projection,
+            temporal_downsample=self.config.diffusion.temporal_downsample,
         )
 
     @torch.no_grad()
@@ -243,6 +246,7 @@ class MDMPipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         x0_callback: X0Callback | None = None,
+        level_projection: bool | None = None,
     ) -> MDMPipelineOutput:
         """Generate images; every level of the pyramid is returned in `levels`.
 
@@ -253,6 +257,8 @@ class MDMPipeline:
         applies `guidance_scale` (or one scale per level) within `guidance_interval` (base logSNR, lo..hi) only.
         `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]). The output reports the network calls.
         `callback(i, tau, state)` runs after each step, `x0_callback(i, x0)` after each call with every level's x0.
+        `level_projection` (default `diffusion.level_projection`) makes every level's x0 estimate agree with the level
+        below (its pyramid equals that level), so that the levels show one image.
         """
         # 1. Check the inputs that nothing below checks; settle the sampler, its grid and the guidance
         if output_type not in OUTPUT_TYPES:
@@ -276,8 +282,19 @@ class MDMPipeline:
         # 3. Prepare the starting noise of every level
         latents = self.prepare_latents(conditions.batch_size, generator, latents)
         # 4. Denoise every level jointly
+        projection = self.config.diffusion.level_projection if level_projection is None else level_projection
         result = self.denoise(
-            latents, conditions, grid, guidance, sampler, eta, thresholding, generator, callback, x0_callback
+            latents,
+            conditions,
+            grid,
+            guidance,
+            sampler,
+            eta,
+            thresholding,
+            generator,
+            callback,
+            x0_callback,
+            projection,
         )
         # 5. Convert to the requested output type
         return _output([lv.clamp(-1, 1) for lv in result.levels], conditions.titles, result.nfe, output_type)

@@ -198,6 +198,10 @@ class DiffusionConfig:
     spacing: Spacing = field(
         default="mlmdm", metadata={"help": "default sampling grid: mlmdm, trailing, logsnr, karras"}
     )
+    level_projection: bool = field(
+        default=False,
+        metadata={"help": "sampling: correct each level's x0 so that its pyramid is the level below (levels agree)"},
+    )
 
 
 @dataclass

@@ -76,6 +76,29 @@ def build_pyramid(x: torch.Tensor, sizes: list[LevelShape], temporal_downsample:
     return levels
 
 
+def _level_shape(level: torch.Tensor) -> LevelShape:
+    """A level's side (N C H W images) or (frames, side) (N C T H W clips)."""
+    return (level.shape[2], level.shape[-1]) if level.dim() == 5 else level.shape[-1]
+
+
+def project_levels(x0: Pyramid, temporal_downsample: str = "first") -> Pyramid:
+    """Every level corrected, from the lowest up, so that the model's pyramid of it is the level below:
+    x^l + U(x^(l+1) - D(x^l)), D one pyramid step, U repeating each lower pixel (frame) over the block (group) it
+    stands for, so that D(U(a)) = a. The lowest level is kept.
+
+    The exact denoiser's x0 estimates already agree this way (the pyramid is linear and the data's levels are
+    pyramids of the top level), so the correction removes only the network's disagreement between its levels."""
+    out = list(x0)
+    for i in range(len(out) - 2, -1, -1):
+        hi, lo = out[i], out[i + 1]
+        gap = lo - build_pyramid(hi, [_level_shape(hi), _level_shape(lo)], temporal_downsample)[1]
+        if hi.dim() == 5:
+            gap = gap.repeat_interleave(hi.shape[2] // lo.shape[2], dim=2)
+        side = hi.shape[-1] // lo.shape[-1]
+        out[i] = hi + gap.repeat_interleave(side, dim=-2).repeat_interleave(side, dim=-1)
+    return out
+
+
 def _b(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample (B,) or scalar coefficient over an image batch, in its dtype."""
     g = torch.as_tensor(g, device=like.device).to(like.dtype)

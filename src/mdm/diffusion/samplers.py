@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mdm.diffusion.guidance import Guidance, IndexedNetwork, guide
-from mdm.diffusion.process import Denoiser, Pyramid, _b, predict_x0, x0_to
+from mdm.diffusion.process import Denoiser, Pyramid, _b, predict_x0, project_levels, x0_to
 from mdm.diffusion.schedule import half_logsnr
 from mdm.models.conditioning import Conditioning
 
@@ -121,15 +121,19 @@ class X0Denoiser:
     thresholding: str = "clip"
     nfe: int = 0
     observe: X0Callback | None = None  # sees (i, x0) after every call: the estimates a viewer shows
+    project: Callable[[Pyramid], Pyramid] | None = None  # makes the levels agree before thresholding
 
     def __call__(self, x: Pyramid, i: int) -> Pyramid:
         """x0 of every level of state `x` at grid point i."""
         self.nfe += 1
         preds = self.network(x, int(self.grid.tau[i]))
         x0 = [
-            threshold(predict_x0(p.to(z.dtype), z, g.to(z), self.prediction_type), self.thresholding)
+            predict_x0(p.to(z.dtype), z, g.to(z), self.prediction_type)
             for z, p, g in zip(x, preds, self.grid.gamma[:, i], strict=True)
         ]
+        if self.project is not None:
+            x0 = self.project(x0)
+        x0 = [threshold(level, self.thresholding) for level in x0]
         if self.observe is not None:
             self.observe(i, x0)
         return x0
@@ -397,6 +401,8 @@ def run(
     progress: bool = True,
     callback: StepCallback | None = None,
     x0_callback: X0Callback | None = None,
+    level_projection: bool = False,
+    temporal_downsample: str = "first",
 ) -> SampleResult:
     """Run the reverse process from `noise` (one tensor per level, highest first) over the descending integer grid
     `timesteps` of the per-level schedule `gammas` (L, T + 1), in the state's dtype.
@@ -404,6 +410,8 @@ def run(
     `guidance` is a scale or a `Guidance`; its interval is measured on the lowest level's schedule. Step noise is
     drawn from `generator` level by level, high to low. `callback(i, tau, state)` runs after each step;
     `x0_callback(i, x0)` after each network call, with every level's (thresholded) x0 estimate at grid point i.
+    `level_projection` corrects every x0 estimate so that each level's pyramid (`temporal_downsample` for clips) is
+    the level below (`process.project_levels`).
     """
     step_fn = get_sampler(sampler, eta)
     if thresholding not in THRESHOLDS:
@@ -413,7 +421,8 @@ def run(
     guidance = guidance if isinstance(guidance, Guidance) else Guidance(scale=guidance)
     grid = Grid.from_table(gammas, timesteps)
     network = guide(model, cond, uncond, guidance, gammas[-1])
-    denoise = X0Denoiser(network, grid, prediction_type, thresholding, observe=x0_callback)
+    project = partial(project_levels, temporal_downsample=temporal_downsample) if level_projection else None
+    denoise = X0Denoiser(network, grid, prediction_type, thresholding, observe=x0_callback, project=project)
     state = list(noise)
     steps = step_fn(denoise, state, grid, gaussian_noise(generator))
     for i, state in enumerate(tqdm(steps, total=grid.steps, desc="sampling", disable=not progress, leave=False)):

@@ -463,14 +463,15 @@ def evaluate_model(
     guidance: float | None = None,
     sampler: str | None = None,
     spacing: str | None = None,
+    level_projection: bool | None = None,
     seed: int = 0,
     save_reference: str | os.PathLike | None = None,
     oracle_cache: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, default the model's; every rank its share)
-    and measure them (collective).
+    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, with `level_projection`, default the
+    model's; every rank its share) and measure them (collective).
 
     `data` ('shapes', an image folder or tar shards; for a video model 'moving_shapes' or a clip folder) gives per-level
     FID / KID against the data pooled to each level (clips: over frames, with the temporal consistency of generated
@@ -534,6 +535,7 @@ def evaluate_model(
                 guidance_scale=guidance,
                 sampler=sampler,
                 spacing=spacing,
+                level_projection=level_projection,
                 output_type="pt",
             )
             nfe = out.nfe
@@ -563,6 +565,7 @@ def evaluate_model(
         "steps": steps,
         "sampler": sampler or config.diffusion.sampler,
         "spacing": spacing or config.diffusion.spacing,
+        "level_projection": config.diffusion.level_projection if level_projection is None else level_projection,
         "nfe": nfe,
         "guidance": guidance,
         "seed": seed,

@@ -13,7 +13,7 @@ from mdm.config import TrainConfig
 def make_optimizer(net: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over every parameter of `net` with the configured betas, epsilon and decoupled weight decay."""
     return torch.optim.AdamW(
-        net.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay
+        net.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay, fused=True
     )
 
 
