@@ -58,6 +58,11 @@ def test_round_trip_through_yaml(tmp_path):
         (lambda d: d["diffusion"].update(level_weights=[1.0]), "needs one weight per level (2)"),
         (lambda d: d["diffusion"].update(mixed_ratio="2:1:1"), "needs 2 positive parts"),
         (lambda d: d["diffusion"].update(cond_drop_prob=1.5), "cond_drop_prob' must be in [0, 1)"),
+        (lambda d: d["diffusion"].update(eta=-0.5), "'diffusion.eta' must be >= 0, got -0.5"),
+        (lambda d: d["diffusion"].update(eta=float("nan")), "'diffusion.eta' must be finite"),
+        (lambda d: d["diffusion"].update(eta=1.0, sampler="euler"), "diffusion.sampler = euler takes none"),
+        (lambda d: d["diffusion"].update(guided_levels="top"), "'diffusion.guided_levels' must be 'all'"),
+        (lambda d: d["diffusion"].update(guided_levels="lowest"), "needs diffusion.level_projection = true"),
         (
             lambda d: d["model"]["unet"]["inner"].update(channels=[32, 32, 40], num_groups=8),
             "attention stage",

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -158,6 +160,52 @@ def test_the_model_directory_carries_a_default_sampler(tmp_path):
     explicit = loaded(**kw, sampler="unipc", spacing="trailing", generator=torch.Generator().manual_seed(0))
     ddim = loaded(**kw, sampler="ddim", spacing="trailing", generator=torch.Generator().manual_seed(0))
     assert torch.equal(default.images, explicit.images) and not torch.equal(default.images, ddim.images)
+
+
+def test_the_configs_guided_levels_and_eta_are_the_calls_defaults(tmp_path):
+    pipe = class_pipe(levels=3)
+    diffusion = dataclasses.replace(pipe.config.diffusion, level_projection=True, guided_levels="lowest", eta=1.0)
+    pipe.config = dataclasses.replace(pipe.config, diffusion=diffusion).validate("lowest")
+    pipe.save_pretrained(tmp_path / "m")
+    pipe = MDMPipeline.from_pretrained(tmp_path / "m")
+    pipe.set_progress_bar_config(disable=True)
+    settled = pipe.settle(4.0)
+    assert (settled.sampler, settled.eta, settled.level_projection) == ("ddim", 1.0, True)
+    assert settled.guidance.scales(3) == [1.0, 1.0, 4.0], "guidance on the lowest level only"
+    assert pipe.settle(4.0, sampler="dpmpp_2m").eta == 0.0, "eta is DDIM's: another sampler takes none"
+    assert pipe.settle(4.0, level_projection=False).guidance.scales(3) == [4.0] * 3, "unprojected: every level guided"
+    assert pipe.settle(4.0, guidance_level_scales=[2.0, 3.0, 4.0]).guidance.scales(3) == [2.0, 3.0, 4.0]
+    assert pipe.settle(4.0, guided_levels="all").guidance.scales(3) == [4.0] * 3
+    asked = pipe.settle(4.0, level_projection=False, guided_levels="lowest")
+    assert asked.guidance.scales(3) == [1.0, 1.0, 4.0], "an explicit choice holds without projection"
+    with pytest.raises(ValueError, match="guided_levels must be one of all, lowest, got 'top'"):
+        pipe.settle(4.0, guided_levels="top")
+    kw = dict(class_labels=[0, 2], num_inference_steps=4, guidance_scale=4.0, output_type="pt")
+    default = pipe(**kw, generator=torch.Generator().manual_seed(0))
+    explicit = pipe(**kw, guidance_level_scales=[1.0, 1.0, 4.0], eta=1.0, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(default.levels, explicit.levels, strict=True):
+        assert torch.equal(a, b)
+    for other in (dict(eta=0.0), dict(guidance_level_scales=[4.0] * 3)):
+        changed = pipe(**kw, **other, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(changed.images, default.images), f"{other} is not the default"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_sde"])
+def test_one_generator_per_sample_makes_a_sample_the_same_in_any_batch(sampler):
+    pipe = class_pipe()
+    kw = dict(num_inference_steps=4, guidance_scale=2.0, sampler=sampler, output_type="pt")
+    if sampler == "ddim":
+        kw["eta"] = 1.0
+    seeds = [11, 12, 13]
+    batch = pipe(class_labels=[0, 1, 2], generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    alone = pipe(class_labels=[1], generator=[torch.Generator().manual_seed(12)], **kw)
+    for whole, one in zip(batch.levels, alone.levels, strict=True):
+        torch.testing.assert_close(whole[1:2], one, atol=1e-5, rtol=0)
+    shared = pipe(class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(12), **kw)
+    one_shared = pipe(class_labels=[1], generator=torch.Generator().manual_seed(12), **kw)
+    assert not torch.allclose(shared.images[1:2], one_shared.images), "one shared generator: batch-dependent"
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3 samples: give one per sample"):
+        pipe(class_labels=[0, 1, 2], generator=[torch.Generator(), torch.Generator()], **kw)
 
 
 def test_x0_callback_sees_every_network_call():

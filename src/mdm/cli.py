@@ -7,12 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from mdm import io
 from mdm.clip_grids import FPS, grid_clip, save_samples, strips
 from mdm.config import ConfigError, MDMConfig, list_presets, load_config, load_preset
+from mdm.config.schema import GuidedLevels
 from mdm.diffusion.samplers import SAMPLERS
 from mdm.diffusion.schedule import SPACINGS
 from mdm.images import level_strip, sample_grid, save_png, to_pil
@@ -114,6 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         guidance_interval=args.guidance_interval,
         eta=args.eta,
+        guided_levels=args.guided_levels,
         thresholding=args.thresholding,
         level_projection=args.level_projection,
         generator=torch.Generator().manual_seed(args.seed),
@@ -305,6 +308,8 @@ def _eval(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             spacing=args.spacing,
             level_projection=args.level_projection,
+            eta=args.eta,
+            guided_levels=args.guided_levels,
             seed=args.seed,
             save_reference=args.save_ref,
             device=env.device,
@@ -334,6 +339,17 @@ def _level_projection_flag(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="make every level's x0 agree with the level below while sampling (default: diffusion.level_projection)",
+    )
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--eta and --guided-levels, default the model's diffusion.eta and diffusion.guided_levels."""
+    parser.add_argument("--eta", type=float, default=None, help="DDIM's noise level, >= 0 (default: diffusion.eta)")
+    parser.add_argument(
+        "--guided-levels",
+        choices=get_args(GuidedLevels),
+        default=None,
+        help="levels guidance steers (default: diffusion.guided_levels under level projection, else all)",
     )
 
 
@@ -384,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="guide only in this logSNR range",
     )
     _level_projection_flag(s)
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (>= 0)")
+    _sampling_flags(s)
     s.add_argument("--thresholding", choices=["clip", "dynamic", "dynamic_if", "none"], default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -469,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--spacing", choices=list(SPACINGS), default=None, help="default: the model's diffusion.spacing")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
     _level_projection_flag(ev)
+    _sampling_flags(ev)
     ev.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
     ev.add_argument("--inception", default=None, help="TorchScript Inception .pt (default: $MDM_INCEPTION_PATH)")
     ev.add_argument("--save-ref", default=None, help="write the data's top-level statistics to this .npz")

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import save_file
@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from mdm import io
 from mdm.conditions import Conditioner, Conditions, Labels
 from mdm.config import MDMConfig, load_config, save_config
+from mdm.config.schema import GuidedLevels
 from mdm.diffusion.guidance import Guidance, guidance_on
 from mdm.diffusion.process import MultiLevelDiffusion, Pyramid
-from mdm.diffusion.samplers import SampleResult, StepCallback, X0Callback, run
+from mdm.diffusion.samplers import Generators, SampleResult, StepCallback, X0Callback, per_sample_noise, run
 from mdm.diffusion.schedule import sampling_timesteps
 from mdm.images import to_pil
 from mdm.io import to_uint8
@@ -48,6 +49,17 @@ class MDMPipelineOutput:
     titles: list[str]
     nfe: int  # network evaluations (a guided call of both branches counts once)
     videos: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """One call's sampling choices with the model's defaults filled in (`MDMPipeline.settle`)."""
+
+    sampler: str
+    spacing: str
+    eta: float  # DDIM's noise level (0 for the other samplers)
+    level_projection: bool
+    guidance: Guidance
 
 
 def _resolve_dir(path: str | os.PathLike) -> Path:
@@ -169,11 +181,16 @@ class MDMPipeline:
         """Builds this model's conditions on its device and dtype (the text encoder is loaded when first needed)."""
         return Conditioner(self.config.model, lambda: self.text_encoder, self.device, self.dtype)
 
-    def prepare_latents(self, n: int, generator: torch.Generator | None, latents: Pyramid | None = None) -> Pyramid:
-        """The starting noise of every level (highest first): `latents` checked, or drawn level by level; (N, C, H, W)
-        per level, or (N, C, T, H, W) for a video model."""
-        shapes = [(n, *shape) for shape in self.diffusion.item_shapes(self.config.model.in_channels)]
-        if latents is None:
+    def prepare_latents(self, n: int, generator: Generators, latents: Pyramid | None = None) -> Pyramid:
+        """The starting noise of every level (highest first): `latents` checked, or drawn level by level (with one
+        generator per sample, sample by sample); (N, C, H, W) per level, or (N, C, T, H, W) for a video model."""
+        item_shapes = self.diffusion.item_shapes(self.config.model.in_channels)
+        shapes = [(n, *shape) for shape in item_shapes]
+        if latents is None and isinstance(generator, list):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for a batch of {n} samples: give one per sample")
+            latents = per_sample_noise(generator, item_shapes)
+        elif latents is None:
             latents = [torch.randn(shape, generator=generator, dtype=torch.float32) for shape in shapes]
         elif len(latents) != len(shapes) or any(tuple(z.shape) != sh for z, sh in zip(latents, shapes, strict=False)):
             raise ValueError(f"latents must be {len(shapes)} tensors of the shapes {shapes}")
@@ -184,22 +201,52 @@ class MDMPipeline:
         base = self.diffusion.gammas(torch.float64)[-1]
         return sampling_timesteps(spacing or self.config.diffusion.spacing, num_inference_steps, base)
 
+    def settle(
+        self,
+        guidance_scale: float,
+        guidance_level_scales: list[float] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        eta: float | None = None,
+        level_projection: bool | None = None,
+        guided_levels: str | None = None,
+    ) -> SamplingSettings:
+        """The sampling choices of a call, None meaning the config's: `diffusion.sampler`, `.spacing`,
+        `.level_projection`, DDIM's `.eta` (0 for another sampler) and `.guided_levels` (applied under level
+        projection only; without it every level is guided). `guidance_level_scales`, when given, decide instead:
+        'all' gives every level `guidance_scale`, 'lowest' gives it to the lowest level and 1 to the others."""
+        d = self.config.diffusion
+        sampler = sampler or d.sampler
+        projection = d.level_projection if level_projection is None else level_projection
+        if guided_levels is None:
+            guided_levels = d.guided_levels if projection else "all"
+        if guided_levels not in get_args(GuidedLevels):
+            raise ValueError(f"guided_levels must be one of {', '.join(get_args(GuidedLevels))}, got {guided_levels!r}")
+        if guidance_level_scales is None and guided_levels == "lowest":
+            guidance_level_scales = [1.0] * (self.diffusion.num_levels - 1) + [guidance_scale]
+        level_scales = None if guidance_level_scales is None else tuple(guidance_level_scales)
+        return SamplingSettings(
+            sampler=sampler,
+            spacing=spacing or d.spacing,
+            eta=(d.eta if sampler == "ddim" else 0.0) if eta is None else eta,
+            level_projection=projection,
+            guidance=Guidance(guidance_scale, level_scales, guidance_interval),
+        )
+
     def denoise(
         self,
         latents: Pyramid,
         conditions: Conditions,
         grid: torch.Tensor,
-        guidance: Guidance,
-        sampler: str,
-        eta: float,
+        settings: SamplingSettings,
         thresholding: str | None,
-        generator: torch.Generator | None,
+        generator: Generators,
         callback: StepCallback | None,
         x0_callback: X0Callback | None = None,
-        level_projection: bool = False,
     ) -> SampleResult:
-        """Run the sampler over `grid` from `latents` to images at every level, guided when `conditions` has an
-        unconditional branch."""
+        """Run the settled sampler over `grid` from `latents` to images at every level, guided when `conditions` has
+        an unconditional branch."""
         dtype = self.dtype if self.dtype == torch.float64 else torch.float32
         return run(
             self.unet,
@@ -208,16 +255,16 @@ class MDMPipeline:
             grid,
             conditions.cond,
             conditions.uncond,
-            sampler=sampler,
+            sampler=settings.sampler,
             prediction_type=self.config.diffusion.prediction_type,
             thresholding=thresholding or self.config.diffusion.thresholding,
-            guidance=guidance if conditions.uncond is not None else 1.0,
-            eta=eta,
+            guidance=settings.guidance if conditions.uncond is not None else 1.0,
+            eta=settings.eta,
             generator=generator,
             progress=self.progress,
             callback=callback,
             x0_callback=x0_callback,
-            level_projection=level_projection,
+            level_projection=settings.level_projection,
             temporal_downsample=self.config.diffusion.temporal_downsample,
         )
 
@@ -239,22 +286,25 @@ class MDMPipeline:
         spacing: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_level_scales: list[float] | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         thresholding: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         latents: Pyramid | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
         x0_callback: X0Callback | None = None,
         level_projection: bool | None = None,
+        guided_levels: str | None = None,
     ) -> MDMPipelineOutput:
         """Generate images; every level of the pyramid is returned in `levels`.
 
         Text models take `prompt` (the first argument, as in diffusers) or `prompt_embeds`; class models take
         `class_labels` (indices or names). `batch_size` applies to unconditional models. `latents` are the
-        starting noise per level (highest first); otherwise they are drawn from `generator` level by level.
-        `sampler` and `spacing` default to the config's (`diffusion.sampler`, `diffusion.spacing`); guidance
-        applies `guidance_scale` (or one scale per level) within `guidance_interval` (base logSNR, lo..hi) only.
+        starting noise per level (highest first); otherwise they are drawn from `generator` level by level (or
+        from one generator per sample, as in diffusers: a sample is then the same whatever batch it is drawn in).
+        `sampler`, `spacing` and DDIM's `eta` default to the config's (`diffusion.sampler`, `.spacing`, `.eta`);
+        guidance applies `guidance_scale` to the `guided_levels` ('all' or 'lowest', default the config's; or one
+        scale per level) within `guidance_interval` (base logSNR, lo..hi) only; `settle` shows what a call resolves to.
         `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]). The output reports the network calls.
         `callback(i, tau, state)` runs after each step, `x0_callback(i, x0)` after each call with every level's x0.
         `level_projection` (default `diffusion.level_projection`) makes every level's x0 estimate agree with the level
@@ -263,9 +313,17 @@ class MDMPipeline:
         # 1. Check the inputs that nothing below checks; settle the sampler, its grid and the guidance
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        sampler = sampler or self.config.diffusion.sampler
-        grid = self.timesteps(num_inference_steps, spacing)
-        guidance = Guidance(guidance_scale, guidance_level_scales, guidance_interval)
+        settings = self.settle(
+            guidance_scale,
+            guidance_level_scales,
+            guidance_interval,
+            sampler,
+            spacing,
+            eta,
+            level_projection,
+            guided_levels,
+        )
+        grid = self.timesteps(num_inference_steps, settings.spacing)
         # 2. Build every sample's condition, and the unconditional branch when guidance is on
         conditions = self.conditioner.build(
             class_labels=class_labels,
@@ -277,25 +335,12 @@ class MDMPipeline:
             negative_prompt_mask=negative_prompt_mask,
             per_prompt=num_images_per_prompt,
             batch_size=batch_size,
-            guided=guidance_on(guidance, self.config.model.context_dim() > 0),
+            guided=guidance_on(settings.guidance, self.config.model.context_dim() > 0),
         )
         # 3. Prepare the starting noise of every level
         latents = self.prepare_latents(conditions.batch_size, generator, latents)
         # 4. Denoise every level jointly
-        projection = self.config.diffusion.level_projection if level_projection is None else level_projection
-        result = self.denoise(
-            latents,
-            conditions,
-            grid,
-            guidance,
-            sampler,
-            eta,
-            thresholding,
-            generator,
-            callback,
-            x0_callback,
-            projection,
-        )
+        result = self.denoise(latents, conditions, grid, settings, thresholding, generator, callback, x0_callback)
         # 5. Convert to the requested output type
         return _output([lv.clamp(-1, 1) for lv in result.levels], conditions.titles, result.nfe, output_type)
 

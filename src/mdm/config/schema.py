@@ -154,6 +154,7 @@ Prediction = Literal["v", "eps", "x0"]
 Threshold = Literal["clip", "dynamic", "dynamic_if", "none"]
 Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "unipc_3"]
 Spacing = Literal["mlmdm", "trailing", "logsnr", "karras"]
+GuidedLevels = Literal["all", "lowest"]
 
 
 @dataclass
@@ -201,6 +202,17 @@ class DiffusionConfig:
     level_projection: bool = field(
         default=False,
         metadata={"help": "sampling: correct each level's x0 so that its pyramid is the level below (levels agree)"},
+    )
+    guided_levels: GuidedLevels = field(
+        default="all",
+        metadata={
+            "help": "levels guidance steers by default: all, or with level_projection only the lowest (the levels "
+            "above take its guided content through the projection and keep their own detail unguided: less grain)"
+        },
+    )
+    eta: float = field(
+        default=0.0,
+        metadata={"help": "DDIM's default noise level: 0 deterministic, 1 as much fresh noise per step as DDPM"},
     )
 
 

@@ -126,7 +126,7 @@ def _frames(cfg: MDMConfig, rule: _Rules) -> None:
 
 def _diffusion(cfg: MDMConfig, rule: _Rules) -> None:
     d, n = cfg.diffusion, len(cfg.model.unet.levels())
-    for name in ("beta_start", "beta_end", "logsnr_min", "logsnr_max", "shift_power", "cond_drop_prob"):
+    for name in ("beta_start", "beta_end", "logsnr_min", "logsnr_max", "shift_power", "cond_drop_prob", "eta"):
         rule.finite(getattr(d, name), f"diffusion.{name}")
     if d.level_weights is not None:
         rule.finite(d.level_weights, "diffusion.level_weights")
@@ -141,6 +141,9 @@ def _diffusion(cfg: MDMConfig, rule: _Rules) -> None:
     rule(d.shift_base_size is None or d.shift_base_size > 0, "diffusion.shift_base_size", "must be positive")
     rule(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
     rule(d.logsnr_min < d.logsnr_max, "diffusion.logsnr_min", "must be below logsnr_max")
+    rule(d.eta >= 0, "diffusion.eta", f"must be >= 0, got {d.eta}")
+    rule(d.eta == 0 or d.sampler == "ddim", "diffusion.eta", f"is DDIM's noise level; diffusion.sampler = {d.sampler} takes none")
+    rule(d.guided_levels == "all" or d.level_projection, "diffusion.guided_levels", "= lowest needs diffusion.level_projection = true (the levels above take the guided content only through it)")
 
 
 def _text(cfg: MDMConfig, rule: _Rules) -> None:

@@ -38,6 +38,8 @@ X0Fn = Callable[[Pyramid, int], Pyramid]
 StepNoise = Callable[[Pyramid], Pyramid]
 StepCallback = Callable[[int, int, Pyramid], None]
 X0Callback = Callable[[int, Pyramid], None]
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the whole batch, or one per sample (a sample's noise is then the same in any batch)."""
 THRESHOLDS = ("clip", "dynamic", "dynamic_if", "none")
 PREDICTIONS = ("v", "eps", "x0")
 
@@ -139,10 +141,26 @@ class X0Denoiser:
         return x0
 
 
-def gaussian_noise(generator: torch.Generator | None = None) -> StepNoise:
-    """Fresh N(0, I) for every level, high to low, drawn on the CPU from `generator` so results do not depend on
-    the device."""
-    return lambda like: [torch.randn(z.shape, generator=generator, device="cpu").to(z) for z in like]
+def draw(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """N(0, I) of `shape` on the CPU (results do not depend on the device): from one generator, or with one
+    generator per sample, each sample (row) from its own."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator, device="cpu")
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} samples: give one per sample")
+    return torch.stack([torch.randn(shape[1:], generator=g, device="cpu") for g in generator])
+
+
+def per_sample_noise(generators: list[torch.Generator], shapes: list[tuple[int, ...]]) -> Pyramid:
+    """Starting noise of one sample per generator for levels of one-sample `shapes`, highest first: each sample
+    draws all its levels in turn from its own generator."""
+    levels = [[torch.randn(shape, generator=g) for shape in shapes] for g in generators]
+    return [torch.stack(level) for level in zip(*levels, strict=True)]
+
+
+def gaussian_noise(generator: Generators = None) -> StepNoise:
+    """Fresh N(0, I) for every level, high to low, drawn by `draw`."""
+    return lambda like: [draw(tuple(z.shape), generator).to(z) for z in like]
 
 
 def _lin(*terms: tuple[torch.Tensor | float, Pyramid]) -> Pyramid:
@@ -397,7 +415,7 @@ def run(
     thresholding: str = "clip",
     guidance: Guidance | float = 1.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = True,
     callback: StepCallback | None = None,
     x0_callback: X0Callback | None = None,
@@ -408,8 +426,9 @@ def run(
     `timesteps` of the per-level schedule `gammas` (L, T + 1), in the state's dtype.
 
     `guidance` is a scale or a `Guidance`; its interval is measured on the lowest level's schedule. Step noise is
-    drawn from `generator` level by level, high to low. `callback(i, tau, state)` runs after each step;
-    `x0_callback(i, x0)` after each network call, with every level's (thresholded) x0 estimate at grid point i.
+    drawn from `generator` (or one generator per sample) level by level, high to low. `callback(i, tau, state)`
+    runs after each step; `x0_callback(i, x0)` after each network call, with every level's (thresholded) x0
+    estimate at grid point i.
     `level_projection` corrects every x0 estimate so that each level's pyramid (`temporal_downsample` for clips) is
     the level below (`process.project_levels`).
     """

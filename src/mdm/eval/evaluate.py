@@ -27,6 +27,7 @@ from mdm.data.loader import build_dataset
 from mdm.data.moving_shapes import MovingShapesDataset
 from mdm.data.shapes import ShapesDataset
 from mdm.diffusion.process import LevelShape, Pyramid
+from mdm.diffusion.samplers import per_sample_noise
 from mdm.distributed import barrier, rank_world, reduce_to_cpu
 from mdm.eval.accumulate import FeatureAccumulator, RunningMean, rank_batches
 from mdm.eval.clip_score import load_clip
@@ -197,18 +198,19 @@ def format_table(results: list[LevelResult]) -> str:
     return "\n".join(rows)
 
 
-def item_latents(indices: Sequence[int], seed: int, shapes: list[tuple[int, ...]]) -> Pyramid:
-    """Starting noise of samples `indices` for levels of one-sample `shapes` (C, H, W) or (C, T, H, W), highest
-    level first, each sample from its own generator seeded by (seed, index): a sample is the same whatever batch or
-    rank draws it."""
+def item_generators(indices: Sequence[int], seed: int) -> list[torch.Generator]:
+    """One generator per sample of `indices`, seeded by (seed, index): a sample's starting and step noise are the
+    same whatever batch or rank draws it."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    levels: list[list[torch.Tensor]] = [[] for _ in shapes]
-    for i in indices:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1))
-        for level, shape in zip(levels, shapes, strict=True):
-            level.append(torch.randn(shape, generator=g))
-    return [torch.stack(level) for level in levels]
+    states = [np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1 for i in indices]
+    return [torch.Generator().manual_seed(int(state)) for state in states]
+
+
+def item_latents(indices: Sequence[int], seed: int, shapes: list[tuple[int, ...]]) -> Pyramid:
+    """Starting noise of samples `indices` for levels of one-sample `shapes` (C, H, W) or (C, T, H, W), highest
+    level first, from `item_generators`: what `evaluate_model` starts each sample from."""
+    return per_sample_noise(item_generators(indices, seed), shapes)
 
 
 def sample_latents(indices: Sequence[int], seed: int, sizes: list[int], channels: int) -> Pyramid:
@@ -464,14 +466,16 @@ def evaluate_model(
     sampler: str | None = None,
     spacing: str | None = None,
     level_projection: bool | None = None,
+    eta: float | None = None,
+    guided_levels: str | None = None,
     seed: int = 0,
     save_reference: str | os.PathLike | None = None,
     oracle_cache: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, with `level_projection`, default the
-    model's; every rank its share) and measure them (collective).
+    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, with `level_projection`, DDIM's `eta` and
+    `guided_levels`, default the model's; every rank its share) and measure them (collective).
 
     `data` ('shapes', an image folder or tar shards; for a video model 'moving_shapes' or a clip folder) gives per-level
     FID / KID against the data pooled to each level (clips: over frames, with the temporal consistency of generated
@@ -530,12 +534,14 @@ def evaluate_model(
                 kwargs = {"prompt": conditions["prompts"][batch.start : batch.stop]}
             out = pipe(
                 **kwargs,
-                latents=item_latents(batch, seed, pipe.diffusion.item_shapes(m.in_channels)),
+                generator=item_generators(batch, seed),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 sampler=sampler,
                 spacing=spacing,
                 level_projection=level_projection,
+                eta=eta,
+                guided_levels=guided_levels,
                 output_type="pt",
             )
             nfe = out.nfe
@@ -557,17 +563,27 @@ def evaluate_model(
         if rank_world()[0] == 0:
             top.save(save_reference)
     clip_score = float(scores.compute()) if scorer is not None else None
+    chosen = pipe.settle(
+        guidance,
+        sampler=sampler,
+        spacing=spacing,
+        eta=eta,
+        level_projection=level_projection,
+        guided_levels=guided_levels,
+    )
     settings: dict[str, Any] = {
         "model": None if isinstance(model, MDMPipeline) else str(model),
         "num": num,
         "level_sizes": sizes,
         **({"level_shapes": [list(s) for s in shapes]} if video else {}),
         "steps": steps,
-        "sampler": sampler or config.diffusion.sampler,
-        "spacing": spacing or config.diffusion.spacing,
-        "level_projection": config.diffusion.level_projection if level_projection is None else level_projection,
+        "sampler": chosen.sampler,
+        "spacing": chosen.spacing,
+        "eta": chosen.eta,
+        "level_projection": chosen.level_projection,
         "nfe": nfe,
         "guidance": guidance,
+        "guidance_level_scales": chosen.guidance.scales(pipe.diffusion.num_levels),
         "seed": seed,
         "batch_size": batch_size,
         "world_size": rank_world()[1],
