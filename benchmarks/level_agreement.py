@@ -1,13 +1,16 @@
-"""Do a shapes model's levels show one image, and how grainy is each level's flat background?
+"""Do a shapes model's levels show one image, how grainy is each level's flat background, and how often is the
+sample what was asked for, under each of the sampling settings that shape this?
 
 Run from the repository root on a quiet machine, on any image model of the built-in `shapes` (class or text):
 
     .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance 3]
 
-For sampling without and with `level_projection`, one row each: the cross-level PSNR (every lower level against the
-top level taken down by the model's pyramid, as `mdm eval` reports it), and per level the grain: the standard
-deviation of the pixels inside each corner patch of an eighth of the side (the shapes' background there is flat),
-on [0, 1], averaged over corners and samples, next to the same for the data's images at that level.
+One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
+projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1).
+Columns: the shapes oracle's accuracy at the top level (`mdm eval --oracle`'s), the cross-level PSNR (every lower
+level against the top level taken down by the model's pyramid, as `mdm eval` reports it), and per level the grain:
+the standard deviation of the pixels inside each corner patch of an eighth of the side (the shapes' background
+there is flat), on [0, 1], averaged over corners and samples, next to the same for the data's images at that level.
 """
 
 from __future__ import annotations
@@ -19,8 +22,16 @@ import torch
 from mdm import MDMPipeline
 from mdm.data.shapes import ShapesDataset
 from mdm.eval.levels import consistency_mse, pool_levels, psnr
+from mdm.eval.oracle import accuracy, load_or_train_oracle
 
 EVAL_SEED = 12345  # held-out scenes
+SETTINGS = [
+    ("ddim, every level guided", dict(sampler="ddim", eta=0.0, level_projection=False, guided_levels="all")),
+    ("+ level projection", dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="all")),
+    ("+ lowest level guided", dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="lowest")),
+    ("+ eta 1", dict(sampler="ddim", eta=1.0, level_projection=True, guided_levels="lowest")),
+]
+SETTING = 26  # width of the setting column
 
 
 def grain(images: torch.Tensor) -> float:
@@ -31,7 +42,7 @@ def grain(images: torch.Tensor) -> float:
 
 
 def main() -> None:
-    """Sample the model without and with level projection and print one row per setting, and the data's row."""
+    """Sample the model under every setting and print one row each, after the data's row."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory of a shapes model")
     p.add_argument("--num", type=int, default=96, help="samples per setting (the classes round-robin)")
@@ -54,23 +65,31 @@ def main() -> None:
     )
     real = pool_levels(torch.stack([s["image"] for s in scenes]).float(), sizes)
 
-    head = "setting".ljust(22) + " level PSNR dB" + "".join(f" {f'grain {s}px':>11}" for s in sizes)
+    oracle = load_or_train_oracle(sizes[0], d.shapes, d.colors)
+    labels = torch.tensor([s["label"] for s in scenes] if pipe.config.model.text_dim else request["class_labels"])
+
+    head = (
+        "setting".ljust(SETTING)
+        + f" {'accuracy':>9} {'level PSNR dB':>13}"
+        + "".join(f" {f'grain {s}px':>11}" for s in sizes)
+    )
     print(head)
-    print("data".ljust(22) + f" {'inf':>13}" + "".join(f" {grain(level):>11.4f}" for level in real))
-    for projection in (False, True):
+    print("data".ljust(SETTING) + f" {'':>9} {'inf':>13}" + "".join(f" {grain(level):>11.4f}" for level in real))
+    for name, choice in SETTINGS:
         out = pipe(
             **request,
+            **choice,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
-            level_projection=projection,
             generator=torch.Generator().manual_seed(0),
             output_type="pt",
         )
+        hits = accuracy(oracle, out.levels[0], labels)
         agreement = psnr(consistency_mse(out.levels).mean()).item()
-        name = "level projection" if projection else "no level projection"
-        print(
-            name.ljust(22) + f" {agreement:>13.2f}" + "".join(f" {grain(level.float()):>11.4f}" for level in out.levels)
+        cells = f" {100 * hits:>8.1f}% {agreement:>13.2f}" + "".join(
+            f" {grain(lv.float()):>11.4f}" for lv in out.levels
         )
+        print(name.ljust(SETTING) + cells)
 
 
 if __name__ == "__main__":
