@@ -11,8 +11,9 @@ count is a row. `--mfu` adds the model FLOPs per step (matmuls, convolutions and
 counted once per preset by `torch.utils.flop_counter` on an eager step), the achieved TFLOP/s and, on a GPU whose
 bf16 dense peak is known (or given by `--peak-tflops`), the model FLOPs utilisation. Each preset trains all of
 its levels with the real `Trainer` step (loss, backward, clipping, AdamW, EMA) on synthetic images (clips of the
-model's frames for the video presets, where images/s counts clips), so the numbers exclude decoding. Text presets
-get random 77-token features of the right width in place of a text encoder (encoder cost excluded). Two untimed
+model's frames for the video presets, where images/s counts clips), so the numbers exclude decoding. Presets with
+the built-in byte encoder encode a shapes-style caption with it; the others get random 77-token features of the
+right width in place of their text encoder (encoder cost excluded). Two untimed
 warm-up steps, then the median step time over `--steps` steps. Peak memory: CUDA's max allocated bytes; on CPU the
 process-wide resident high-water mark (it includes everything the process did before).
 """
@@ -35,12 +36,14 @@ from mdm.config import load_preset
 from mdm.train.step import train_step
 from mdm.train.trainer import Trainer
 
-PRESETS = ("demo", "imagenet64", "imagenet256", "cc12m-64", "cc12m-256", "cc12m-1024", "demo-video", "webvid-256")
+PRESETS = ("demo", "demo-text", "imagenet64", "imagenet256", "cc12m-64", "cc12m-256", "cc12m-1024", "demo-video")
+PRESETS += ("webvid-256",)
 CPU_BATCH = {"demo": 32, "imagenet64": 4, "imagenet256": 2, "cc12m-64": 4, "cc12m-256": 2, "cc12m-1024": 1}
-CPU_BATCH |= {"demo-video": 16, "webvid-256": 1}
+CPU_BATCH |= {"demo-text": 32, "demo-video": 16, "webvid-256": 1}
 GPU_BATCH = {"demo": 256, "imagenet64": 32, "imagenet256": 8, "cc12m-64": 32, "cc12m-256": 8, "cc12m-1024": 4}
-GPU_BATCH |= {"demo-video": 128, "webvid-256": 2}
+GPU_BATCH |= {"demo-text": 256, "demo-video": 128, "webvid-256": 2}
 TOKENS = 77
+CAPTION = "a small red circle at the top left on a light gray background"  # the built-in shapes' kind
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}  # dense, no sparsity
 
 
@@ -60,7 +63,7 @@ class SyntheticImages(Dataset):
         shape = (3, self.frames, self.size, self.size) if self.frames > 1 else (3, self.size, self.size)
         pixels = torch.rand(shape, generator=g) * 2 - 1
         key = "video" if self.frames > 1 else "image"
-        return {key: pixels, "label": index % max(1, self.num_classes), "caption": "a photo"}
+        return {key: pixels, "label": index % max(1, self.num_classes), "caption": CAPTION}
 
 
 class RandomText:
@@ -117,7 +120,7 @@ def make_trainer(name: str, mode: str, args: argparse.Namespace, out: str) -> Tr
     cfg = load_preset(name, sets)
     m = cfg.model
     data = SyntheticImages(m.image_size, m.num_classes, m.num_frames)
-    text = RandomText(m.text_dim) if m.text_dim else None
+    text = RandomText(m.text_dim) if m.text_dim and cfg.text.encoder != "bytes" else None  # None: the config's
     return Trainer(cfg, out, device=args.device, text_encoder=text, dataset=data, progress=False)
 
 
