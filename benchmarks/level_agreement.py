@@ -6,7 +6,8 @@ Run from the repository root on a quiet machine, on any image model of the built
     .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance 3]
 
 One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
-projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1).
+projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1),
+then the grid uniform in logSNR (`spacing`) in place of the reference grid.
 Columns: the shapes oracle's accuracy at the top level (`mdm eval --oracle`'s), the cross-level PSNR (every lower
 level against the top level taken down by the model's pyramid, as `mdm eval` reports it), and per level the grain:
 the standard deviation of the pixels inside each corner patch of an eighth of the side (the shapes' background
@@ -26,10 +27,20 @@ from mdm.eval.oracle import accuracy, load_or_train_oracle
 
 EVAL_SEED = 12345  # held-out scenes
 SETTINGS = [
-    ("ddim, every level guided", dict(sampler="ddim", eta=0.0, level_projection=False, guided_levels="all")),
-    ("+ level projection", dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="all")),
-    ("+ lowest level guided", dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="lowest")),
-    ("+ eta 1", dict(sampler="ddim", eta=1.0, level_projection=True, guided_levels="lowest")),
+    (
+        "ddim, every level guided",
+        dict(sampler="ddim", eta=0.0, level_projection=False, guided_levels="all", spacing="mlmdm"),
+    ),
+    ("+ level projection", dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="all", spacing="mlmdm")),
+    (
+        "+ lowest level guided",
+        dict(sampler="ddim", eta=0.0, level_projection=True, guided_levels="lowest", spacing="mlmdm"),
+    ),
+    ("+ eta 1", dict(sampler="ddim", eta=1.0, level_projection=True, guided_levels="lowest", spacing="mlmdm")),
+    (
+        "+ logsnr spacing",
+        dict(sampler="ddim", eta=1.0, level_projection=True, guided_levels="lowest", spacing="logsnr"),
+    ),
 ]
 SETTING = 26  # width of the setting column
 
