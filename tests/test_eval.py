@@ -471,7 +471,7 @@ def test_eval_cli_per_level_fid_oracle_and_reference_round_trip(
     top, low = first["levels"]
     assert (top["size"], low["size"], top["num_generated"], low["num_generated"]) == (32, 16, 14, 14)
     assert all(np.isfinite(lv[k]) and lv["fid"] > 0 for lv in (top, low) for k in ("fid", "kid", "kid_std"))
-    assert top["psnr"] is None and np.isfinite(low["psnr"]) and 0 < low["psnr"] < 60
+    assert top["psnr"] is None and np.isfinite(low["psnr"]) and low["psnr"] > 0  # projected: the levels agree
     o = first["oracle"]
     assert o["num_generated"] == 14 and 0 <= o["accuracy"] <= 1 and 0 <= o["real_accuracy"] <= 1
     assert o["accuracy"] * 14 == pytest.approx(round(o["accuracy"] * 14))
