@@ -19,7 +19,15 @@ from mdm.config import MDMConfig, load_config, save_config
 from mdm.config.schema import GuidedLevels
 from mdm.diffusion.guidance import Guidance, guidance_on
 from mdm.diffusion.process import MultiLevelDiffusion, Pyramid
-from mdm.diffusion.samplers import Generators, SampleResult, StepCallback, X0Callback, per_sample_noise, run
+from mdm.diffusion.samplers import (
+    Generators,
+    SampleResult,
+    StepCallback,
+    X0Callback,
+    check_generators,
+    per_sample_noise,
+    run,
+)
 from mdm.diffusion.schedule import sampling_timesteps
 from mdm.images import to_pil
 from mdm.io import to_uint8
@@ -187,8 +195,7 @@ class MDMPipeline:
         item_shapes = self.diffusion.item_shapes(self.config.model.in_channels)
         shapes = [(n, *shape) for shape in item_shapes]
         if latents is None and isinstance(generator, list):
-            if len(generator) != n:
-                raise ValueError(f"got {len(generator)} generators for a batch of {n} samples: give one per sample")
+            check_generators(generator, n)
             latents = per_sample_noise(generator, item_shapes)
         elif latents is None:
             latents = [torch.randn(shape, generator=generator, dtype=torch.float32) for shape in shapes]

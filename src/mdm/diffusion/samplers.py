@@ -146,9 +146,14 @@ def draw(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
     generator per sample, each sample (row) from its own."""
     if not isinstance(generator, list):
         return torch.randn(shape, generator=generator, device="cpu")
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} samples: give one per sample")
+    check_generators(generator, shape[0])
     return torch.stack([torch.randn(shape[1:], generator=g, device="cpu") for g in generator])
+
+
+def check_generators(generators: list[torch.Generator], n: int) -> None:
+    """A list of generators must hold one per sample of the batch of `n`."""
+    if len(generators) != n:
+        raise ValueError(f"got {len(generators)} generators for a batch of {n} samples: give one per sample")
 
 
 def per_sample_noise(generators: list[torch.Generator], shapes: list[tuple[int, ...]]) -> Pyramid:
