@@ -4,6 +4,7 @@ sample what was asked for, under each of the sampling settings that shape this?
 Run from the repository root on a quiet machine, on any image model of the built-in `shapes` (class or text):
 
     .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance 3]
+        [--rows 5]
 
 One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
 projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1),
@@ -60,6 +61,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
+    rows = range(1, len(SETTINGS) + 1)
+    p.add_argument("--rows", type=int, nargs="+", default=list(rows), choices=rows, help="settings rows, 1 = first")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -86,7 +89,7 @@ def main() -> None:
     )
     print(head)
     print("data".ljust(SETTING) + f" {'':>9} {'inf':>13}" + "".join(f" {grain(level):>11.4f}" for level in real))
-    for name, choice in SETTINGS:
+    for name, choice in (SETTINGS[r - 1] for r in args.rows):
         out = pipe(
             **request,
             **choice,

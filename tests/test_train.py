@@ -369,6 +369,10 @@ def test_run_dir_guards(tmp_path: Path) -> None:
     changed.diffusion.shift_power = 2.0
     with pytest.raises(TrainingError, match=r"changed: \['diffusion.shift_power'\]"):
         Trainer(changed, tmp_path, resume="latest", progress=False)
+    sampling = train_config(phases=((1, 2),))
+    sampling.diffusion.spacing, sampling.diffusion.level_projection = "logsnr", True  # how it samples only
+    Trainer(sampling, tmp_path, resume="latest", progress=False).fit()
+    assert load_config(tmp_path / "config.yaml").diffusion.spacing == "logsnr"
     shorter = train_config(phases=((1, 1),))
     with pytest.raises(TrainingError, match="past the end of the configured phases"):
         Trainer(shorter, tmp_path, resume="latest", progress=False).fit()

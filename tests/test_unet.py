@@ -2,10 +2,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdm.config import MDMConfig, ModelConfig, UNetConfig
 from mdm.diffusion.process import MultiLevelDiffusion
-from mdm.models.blocks import position_code
+from mdm.models.blocks import attention, position_code
 from mdm.models.conditioning import Conditioning
 from mdm.models.unet import NestedUNet
 from mdm.train.phases import load_inner
@@ -239,3 +240,26 @@ def test_position_embedding_starts_as_a_2d_code_learns_and_pins_the_side():
         alone = NestedUNet(cfg.model.inner_model(1))
         alone.load_state_dict(plain.inner_unet.state_dict())
         assert torch.equal(grown(zs, t, cond)[1], alone(zs[1:], t, cond)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_cpu_attention_computes_sdpas_float32_arithmetic(dtype):
+    """The explicit CPU path for bf16/fp16 heads gives SDPA's float32 result (values and gradients, rounded once to
+    the input dtype), keeps keys outside the mask out, and gives 0 to a query whose keys are all masked."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g).mul(2).to(dtype).requires_grad_() for _ in range(3))
+    mask = torch.tensor([[True, True, False, True, False], [False] * 5])
+    out = attention(q, k, v, mask, fp32_softmax=False)
+    assert out.dtype == dtype
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, None, None].clone())
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[0].float(), ref[0], atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(out[0].float(), F.scaled_dot_product_attention(q.float(), k.float(), v.float())[0])
+    grads = torch.autograd.grad(out[0].float().square().sum(), (q, k, v))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None, None].clone())
+    for got, want in zip(grads, torch.autograd.grad(ref[0].square().sum(), (qf, kf, vf)), strict=True):
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+        assert got.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q, k, v, None, fp32_softmax=False).dtype == dtype

@@ -68,16 +68,18 @@ class ByteEncoder:
         length = mask.shape[1]
         feats = torch.zeros(len(rows), length, self.dim)
         words = 256 * self.patch
-        for i, row in enumerate(rows):
-            for j, token in enumerate(row):
-                feats[i, j, [256 * k + b for k, b in enumerate(token)]] = 1
-                if self.word_buckets:
-                    feats[i, j, words + self.bucket(token)] = 1
+        hot = [
+            (i, j, column)
+            for i, row in enumerate(rows)
+            for j, token in enumerate(row)
+            for column in [256 * k + b for k, b in enumerate(token)]
+            + ([words + self.bucket(token)] if self.word_buckets else [])
+        ]
+        feats[tuple(torch.tensor(hot).T)] = 1
         half = self.position_dim // 2
         freqs = torch.exp(-math.log(self.max_length) * torch.arange(half) / half)
         angles = torch.arange(length)[:, None] * freqs[None]
-        feats[..., words + self.word_buckets :] = torch.cat([angles.sin(), angles.cos()], dim=1)
-        feats = feats * mask[..., None]
+        feats[..., words + self.word_buckets :] = torch.cat([angles.sin(), angles.cos()], dim=1) * mask[..., None]
         return feats.to(self.device), mask.to(self.device)
 
     def to(self, device: str | torch.device) -> ByteEncoder:

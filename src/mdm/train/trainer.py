@@ -37,7 +37,11 @@ from mdm.train.phases import Phase, Weights
 from mdm.train.step import train_step, use_bf16
 
 log = logging.getLogger(__name__)
-SPEED_ONLY = {"num_workers"}  # data keys that a resumed run may change
+# Keys a resumed run may change: how fast it reads its data and how it samples, not what it learns
+RESUMABLE = {
+    "data": {"num_workers"},
+    "diffusion": {"sampler", "spacing", "eta", "level_projection", "guided_levels", "thresholding"},
+}
 
 
 class Trainer:
@@ -117,7 +121,8 @@ class Trainer:
         return encoder.to(self.env.device) if encoder is not None else None
 
     def _prepare_run_dir(self) -> None:
-        """A resumed run must have the same model, diffusion and data; a fresh run starts from an empty dir."""
+        """A resumed run must have the same model, diffusion and data but for the RESUMABLE keys; a fresh run starts
+        from an empty dir."""
         saved = self.out / "config.yaml"
         if self._resume is not None and saved.is_file():
             old, new = to_dict(load_config(saved)), to_dict(self.cfg)
@@ -125,7 +130,7 @@ class Trainer:
                 f"{section}.{k}"
                 for section in ("model", "diffusion", "data")
                 for k in new[section]
-                if old[section].get(k) != new[section][k] and k not in SPEED_ONLY
+                if old[section].get(k) != new[section][k] and k not in RESUMABLE.get(section, ())
             ]
             if changed:
                 raise TrainingError(f"{saved}: cannot resume with a different config; changed: {changed}")
