@@ -3,7 +3,7 @@ sample what was asked for, under each of the sampling settings that shape this?
 
 Run from the repository root on a quiet machine, on any image model of the built-in `shapes` (class or text):
 
-    .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance 3]
+    .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance G]
         [--rows 5]
 
 One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="model directory of a shapes model")
     p.add_argument("--num", type=int, default=96, help="samples per setting (the classes round-robin)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
     p.add_argument("--threads", type=int, default=2)
     rows = range(1, len(SETTINGS) + 1)
     p.add_argument("--rows", type=int, nargs="+", default=list(rows), choices=rows, help="settings rows, 1 = first")
@@ -94,7 +94,7 @@ def main() -> None:
             **request,
             **choice,
             num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
+            guidance_scale=pipe.config.train.sample_guidance if args.guidance is None else args.guidance,
             generator=torch.Generator().manual_seed(0),
             output_type="pt",
         )

@@ -78,8 +78,17 @@ TINY_DEMO = [
 ]
 
 
-def test_demo_trains_both_phases_and_writes_the_class_grid(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--per-class", "1", *TINY_DEMO]) == 0
+def test_demo_trains_both_phases_and_writes_the_class_grid(tmp_path, capsys, monkeypatch):
+    scales, call = [], MDMPipeline.__call__
+
+    def spy(pipe: MDMPipeline, **kw):
+        scales.append(kw["guidance_scale"])
+        return call(pipe, **kw)
+
+    monkeypatch.setattr(MDMPipeline, "__call__", spy)
+    guidance = ["--set", "train.sample_guidance=4.5"]
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--per-class", "1", *TINY_DEMO, *guidance]) == 0
+    assert scales[-1] == 4.5, "the demo grid samples at the preset's train.sample_guidance unless --guidance is given"
     out = capsys.readouterr().out
     assert "trained demo model" in out and str(tmp_path / "demo_samples.png") in out
     grid = Image.open(tmp_path / "demo_samples.png")

@@ -224,7 +224,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = pipe(
         **_demo_request(pipe.config, per_class),
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        guidance_scale=pipe.config.train.sample_guidance if args.guidance is None else args.guidance,
         output_type="pt",
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -462,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config value")
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
-    d.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    d.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: train.sample_guidance)"
+    )
     d.add_argument("--per-class", type=int, default=None, help="samples per class, or per motion (default 4; video 2)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)

@@ -33,20 +33,26 @@ def sinusoidal_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, fp32_softmax: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    fp32_softmax: bool,
+    sampling: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, H, N, d) tensors; `mask` (B, S) keeps keys where True.
 
     Runs through SDPA with two explicit exceptions. Float64 inputs with `fp32_softmax` round the softmax to float32,
-    which is what ml-mdm computes when its model is cast to float64. Bfloat16 / float16 inputs on the CPU are computed
-    in float32, the arithmetic of SDPA's CPU path for these (strided) heads without its per-call bookkeeping:
-    self-attention at the demos' sizes takes 10-20 % less time in training and 30-50 % less in sampling,
-    cross-attention to a few tokens about the same (benchmarks/attention_speed.py).
+    which is what ml-mdm computes when its model is cast to float64. When `sampling` (the module in eval mode),
+    bfloat16 / float16 inputs on the CPU are computed in float32, the arithmetic of SDPA's CPU path for these
+    (strided) heads without its per-call bookkeeping: 30-50 % less time at the demos' sizes
+    (benchmarks/attention_speed.py). Training keeps SDPA: with this path in training the video demo's motion
+    accuracy fell on both seeds tried (README, Speed).
     """
     key_mask = None if mask is None else mask[:, None, None, :].bool()
     if q.dtype == torch.float64 and fp32_softmax:
         return _explicit_attention(q, k, v, key_mask)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    if sampling and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
             return _explicit_attention(q.float(), k.float(), v.float(), key_mask).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
@@ -131,7 +137,7 @@ class Attention2D(nn.Module):
             rearrange(t, "b (h d) n -> b h n d", h=self.heads)
             for t in self.qkv(self.norm(x)).flatten(2).chunk(3, dim=1)
         )
-        out = attention(q, k, v, None, self.fp32_islands)
+        out = attention(q, k, v, None, self.fp32_islands, not self.training)
         if self.kv_cond is not None:
             if context is None:
                 raise ValueError("this network has cross-attention: a conditioning context is required")
@@ -139,7 +145,7 @@ class Attention2D(nn.Module):
                 rearrange(t, "b s (h d) -> b h s d", h=self.heads)
                 for t in self.kv_cond(self.norm_cond(context)).chunk(2, dim=-1)
             )
-            out = out + attention(q, kc, vc, mask, self.fp32_islands)
+            out = out + attention(q, kc, vc, mask, self.fp32_islands, not self.training)
         out = rearrange(out, "b h (y x) d -> b (h d) y x", y=hgt, x=wid)
         x = x + self.proj_out(out)
         if self.ffn is not None:
@@ -160,7 +166,7 @@ class Attention1D(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.heads) for t in self.qkv(self.norm(x)).chunk(3, -1))
-        out = rearrange(attention(q, k, v, mask, self.fp32_islands), "b h s d -> b s (h d)")
+        out = rearrange(attention(q, k, v, mask, self.fp32_islands, not self.training), "b h s d -> b s (h d)")
         return x + self.proj_out(out)
 
 

@@ -78,7 +78,7 @@ class TemporalAttention(nn.Module):
         if self.positions == "rotary":
             q, k = rotary(q), rotary(k)
         chunks = zip(*(t.split(SEQUENCES_PER_CALL) for t in (q, k, v)), strict=True)
-        out = torch.cat([attention(qc, kc, vc, None, self.fp32_islands) for qc, kc, vc in chunks])
+        out = torch.cat([attention(qc, kc, vc, None, self.fp32_islands, not self.training) for qc, kc, vc in chunks])
         out = rearrange(out, "b h s d -> b s (h d)")
         seq = seq + self.proj_out(out)
         if self.mlp is not None:
