@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from mdm.config import load_config
 from mdm.data.shapes import ShapesDataset
 from mdm.diffusion.process import build_pyramid
 from mdm.eval import (
@@ -466,7 +467,8 @@ def test_eval_cli_per_level_fid_oracle_and_reference_round_trip(
     first = json.loads(first_json.read_text())
     assert first["conditions"] == {"labels": [i % 12 for i in range(14)]}
     s = first["settings"]
-    assert (s["num"], s["num_data"], s["steps"], s["guidance"], s["level_sizes"]) == (14, 14, 2, 3.0, [32, 16])
+    guidance = load_config(class_model / "config.yaml").train.sample_guidance  # the default without --guidance
+    assert (s["num"], s["num_data"], s["steps"], s["guidance"], s["level_sizes"]) == (14, 14, 2, guidance, [32, 16])
     assert s["inception"] == str(inception_file) and len(s["inception_sha256"]) == 64 and s["world_size"] == 1
     top, low = first["levels"]
     assert (top["size"], low["size"], top["num_generated"], low["num_generated"]) == (32, 16, 14, 14)
