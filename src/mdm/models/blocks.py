@@ -46,8 +46,8 @@ def attention(
     which is what ml-mdm computes when its model is cast to float64. When `sampling` (the module in eval mode),
     bfloat16 / float16 inputs on the CPU are computed in float32, the arithmetic of SDPA's CPU path for these
     (strided) heads without its per-call bookkeeping: 30-50 % less time at the demos' sizes
-    (benchmarks/attention_speed.py). Training keeps SDPA: with this path in training the video demo's motion
-    accuracy fell on both seeds tried (README, Speed).
+    (benchmarks/attention_speed.py). Training keeps PyTorch's kernel: in training this path sped up only the video
+    demo, whose runs spread too widely to show it harmless (README, Speed).
     """
     key_mask = None if mask is None else mask[:, None, None, :].bool()
     if q.dtype == torch.float64 and fp32_softmax:
