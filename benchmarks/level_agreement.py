@@ -8,7 +8,8 @@ Run from the repository root on a quiet machine, on any image model of the built
 
 One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
 projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1),
-then the grid uniform in logSNR (`spacing`) in place of the reference grid.
+then the grid uniform in logSNR (`spacing`) in place of the reference grid, then DDIM's noise at its cap
+(`renoise`: every step re-noises the x0 estimate afresh).
 Columns: the shapes oracle's accuracy at the top level (`mdm eval --oracle`'s), the cross-level PSNR (every lower
 level against the top level taken down by the model's pyramid, as `mdm eval` reports it), and per level the grain:
 the standard deviation of the pixels inside each corner patch of an eighth of the side (the shapes' background
@@ -41,6 +42,10 @@ SETTINGS = [
     (
         "+ logsnr spacing",
         dict(sampler="ddim", eta=1.0, level_projection=True, guided_levels="lowest", spacing="logsnr"),
+    ),
+    (
+        "+ renoise (eta at its cap)",
+        dict(sampler="renoise", eta=0.0, level_projection=True, guided_levels="lowest", spacing="logsnr"),
     ),
 ]
 SETTING = 26  # width of the setting column

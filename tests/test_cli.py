@@ -141,17 +141,20 @@ def test_train_stop_resume_then_sample_by_class_name(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(unprojected / "plain" / "00001.png")), apart.images[1])
     assert not np.array_equal(apart.images, out.images), "--no-level-projection reaches the sampler"
     still = tmp_path / "still"
-    assert main([*cmd, "--plain", "--seed", "3", "--eta", "0", "--out", str(still)]) == 0
+    assert main([*cmd, "--plain", "--seed", "3", "--sampler", "ddim", "--eta", "0", "--out", str(still)]) == 0
     ddim = dict(request, sampler="ddim", spacing=None)
     quiet = pipe(**ddim, eta=0.0, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(still / "plain" / "00001.png")), quiet.images[1])
-    noisy = pipe(**ddim, generator=torch.Generator().manual_seed(3))
-    assert not np.array_equal(quiet.images, noisy.images), "--eta 0 reaches the sampler over the preset's eta 1"
+    noisy = pipe(**ddim, eta=1.0, generator=torch.Generator().manual_seed(3))
+    assert not np.array_equal(quiet.images, noisy.images), "--eta 0 reaches the sampler"
     every = tmp_path / "every"
     assert main([*cmd, "--plain", "--seed", "3", "--guided-levels", "all", "--out", str(every)]) == 0
-    guided = pipe(**ddim, guided_levels="all", generator=torch.Generator().manual_seed(3))
+    preset = dict(request, sampler=None, spacing=None)
+    guided = pipe(**preset, guided_levels="all", generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(every / "plain" / "00001.png")), guided.images[1])
-    assert not np.array_equal(guided.images, noisy.images), "--guided-levels reaches the sampler"
+    lowest = pipe(**preset, generator=torch.Generator().manual_seed(3))
+    assert pipe.settle(7.5).sampler == "renoise", "the preset's sampler"
+    assert not np.array_equal(guided.images, lowest.images), "--guided-levels reaches the sampler"
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):

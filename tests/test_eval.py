@@ -511,11 +511,12 @@ def test_eval_without_inception_skips_fid_only_when_another_metric_is_asked_for(
     assert [lv["fid"] for lv in report["levels"]] == [None, None] and np.isfinite(report["levels"][1]["psnr"])
     assert report["settings"]["inception"] is None and "FID / KID skipped" in report["notes"][0]
     assert report["oracle"]["num_generated"] == 4
-    apart_args = ["--oracle", "--no-level-projection", "--eta", "0", "--guidance", "2"]
+    apart_args = ["--oracle", "--no-level-projection", "--sampler", "ddim", "--eta", "0", "--guidance", "2"]
     assert run_eval(*common, *apart_args, "--out", str(tmp_path / "apart.json")) == 0
     apart = json.loads((tmp_path / "apart.json").read_text())
     assert (report["settings"]["level_projection"], apart["settings"]["level_projection"]) == (True, False)
-    assert (report["settings"]["eta"], apart["settings"]["eta"]) == (1.0, 0.0), "the preset's eta, then --eta"
+    chosen = [(r["settings"]["sampler"], r["settings"]["eta"]) for r in (report, apart)]
+    assert chosen == [("renoise", 0.0), ("ddim", 0.0)], "the preset's sampler, then --sampler / --eta"
     assert report["settings"]["guidance_level_scales"] == [1.0, report["settings"]["guidance"]]
     assert apart["settings"]["guidance_level_scales"] == [2.0, 2.0], "unprojected levels are all guided"
     assert report["levels"][1]["psnr"] > apart["levels"][1]["psnr"] + 10, "the preset's projected levels agree"

@@ -190,7 +190,7 @@ def test_the_configs_guided_levels_and_eta_are_the_calls_defaults(tmp_path):
         assert not torch.equal(changed.images, default.images), f"{other} is not the default"
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_sde", "renoise"])
 def test_one_generator_per_sample_makes_a_sample_the_same_in_any_batch(sampler):
     pipe = class_pipe()
     kw = dict(num_inference_steps=4, guidance_scale=2.0, sampler=sampler, output_type="pt")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,42 @@ def test_ddim_eta_one_matches_ddpm_mean_and_variance():
     spread_ddim = ddim_step(z, x0, g, g_next, 1.0, unit) - ddim_step(z, x0, g, g_next, 1.0, zero)
     spread_ddpm = ddpm_step(z, x0, g, g_next, unit) - ddpm_step(z, x0, g, g_next, zero)
     torch.testing.assert_close(spread_ddim, spread_ddpm)
+
+
+def test_ddim_noise_is_capped_at_the_schedule_so_large_eta_re_noises_x0():
+    g, g_next = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    z = q_sample(x0, g, torch.randn_like(x0))
+    n = torch.randn_like(x0)
+    fresh = g_next.sqrt() * x0 + (1 - g_next).sqrt() * n
+    for eta in (3.0, math.inf):
+        torch.testing.assert_close(ddim_step(z, x0, g, g_next, eta, n), fresh, atol=1e-12, rtol=0)
+    # below the cap eta still mixes the state's own noise in: 1.1^2 beta~ = 0.35 < 1 - g' = 0.4 here
+    between = ddim_step(z, x0, g, g_next, 1.1, n)
+    assert (between - fresh).abs().max() > 1e-3
+    eps = (z - g.sqrt() * x0) / (1 - g).sqrt()
+    var = 1.21 * (1 - g / g_next) * (1 - g_next) / (1 - g)
+    torch.testing.assert_close(between, g_next.sqrt() * x0 + (1 - g_next - var).sqrt() * eps + var.sqrt() * n)
+
+
+def test_renoise_keeps_none_of_the_state_and_keeps_the_marginal_variance():
+    gammas, x0 = two_levels()
+    grid = Grid.from_table(gammas, sampling_timesteps("trailing", 6, gammas[-1]))
+    noise = gaussian_noise(torch.Generator().manual_seed(1))
+
+    def first_step(state: Pyramid) -> Pyramid:
+        return next(SAMPLERS["renoise"](lambda x, i: x0, state, grid, noise))
+
+    a = first_step([torch.randn_like(x) for x in x0])
+    noise = gaussian_noise(torch.Generator().manual_seed(1))
+    b = first_step([torch.randn_like(x) for x in x0])
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    big = [torch.zeros(4000, 1, 8, 8, dtype=F64), torch.zeros(4000, 1, 2, 2, dtype=F64)]
+    noise = gaussian_noise(torch.Generator().manual_seed(2))
+    out = next(SAMPLERS["renoise"](lambda x, i: [torch.zeros_like(z) for z in x], big, grid, noise))
+    for level, gamma in zip(out, grid.gamma[:, 1], strict=True):
+        assert abs(level.var().item() - (1 - gamma.item())) < 0.02 * (1 - gamma.item())
 
 
 def test_sampling_is_deterministic_under_a_generator_and_guidance_mixes_branches():
@@ -219,7 +257,7 @@ def test_thresholding_applies_to_x0_before_the_solver_history(kind):
 def test_unknown_names_are_rejected_with_the_valid_ones():
     gammas, x0 = two_levels()
     noise = [torch.randn_like(x) for x in x0]
-    with pytest.raises(ValueError, match="dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc, unipc_3"):
+    with pytest.raises(ValueError, match="dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, renoise, unipc, unipc_3"):
         run(oracle(gammas, x0), noise, gammas, timestep_grid(4), sampler="dpm++")
     with pytest.raises(ValueError, match="mlmdm, trailing, logsnr, karras"):
         sampling_timesteps("linspace", 4, gammas[-1])

@@ -152,7 +152,9 @@ class ModelConfig:
 Schedule = Literal["cosine", "linear", "logsnr_cosine", "sigmoid"]
 Prediction = Literal["v", "eps", "x0"]
 Threshold = Literal["clip", "dynamic", "dynamic_if", "none"]
-Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "unipc_3"]
+Sampler = Literal[
+    "ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "renoise", "unipc", "unipc_3"
+]
 Spacing = Literal["mlmdm", "trailing", "logsnr", "karras"]
 GuidedLevels = Literal["all", "lowest"]
 
@@ -212,7 +214,10 @@ class DiffusionConfig:
     )
     eta: float = field(
         default=0.0,
-        metadata={"help": "DDIM's default noise level: 0 deterministic, 1 as much fresh noise per step as DDPM"},
+        metadata={
+            "help": "DDIM's default noise level: 0 deterministic, 1 as much fresh noise per step as DDPM; more is "
+            "capped per step at re-noising x0 afresh (sampler renoise)"
+        },
     )
 
 

@@ -7,7 +7,10 @@ shift (lambda_l = lambda_0 - (p/2) ln s_l) makes the same at every level, while 
 
   DDPM (Ho et al. 2020, eq. 7), g = gamma(tau), g' = gamma(tau'), beta~ = (1 - g/g') (1 - g') / (1 - g):
       z' = x0 (1 - g/g') sqrt(g') / (1 - g) + z sqrt(g/g') (1 - g') / (1 - g) + sqrt(beta~) n
-  DDIM (Song et al. 2021, eq. 12): z' = sqrt(g') x0 + sqrt(1 - g' - eta^2 beta~) eps + eta sqrt(beta~) n
+  DDIM (Song et al. 2021, eq. 12): z' = sqrt(g') x0 + sqrt(1 - g' - eta^2 beta~) eps + eta sqrt(beta~) n, with
+      eta^2 beta~ capped at 1 - g'; at the cap (`renoise`, eta = inf) z' = sqrt(g') x0 + sqrt(1 - g') n re-noises
+      the x0 estimate afresh and keeps none of the state's noise (the multistep sampling of consistency models,
+      Song et al. 2023, Alg. 1)
   Exponential integrator in data prediction (DPM-Solver++, Lu et al. 2022), x0 expanded in lambda around point i:
       z' = (sigma'/sigma) z + alpha' [(1 - e^-h) x0 + sum_{n>=1} h^{n+1} phi_{n+1}(-h) x0^(n)],
       phi_k(x) = sum_j x^j / (j + k)!; holding x0 constant (order 1) is DDIM with eta = 0.
@@ -266,9 +269,11 @@ def ddpm_step(
 def ddim_step(
     z: torch.Tensor, x0: torch.Tensor, g: torch.Tensor, g_next: torch.Tensor, eta: float, noise: torch.Tensor | None
 ) -> torch.Tensor:
-    """One DDIM(eta) update of a level, with eps recomputed from the thresholded x0 (see module)."""
+    """One DDIM(eta) update of a level, with eps recomputed from the thresholded x0 (see module). The fresh noise's
+    variance is capped at 1 - g', so that eta above 1 keeps z' at the schedule's variance and tends to re-noising x0
+    afresh (z' = sqrt(g') x0 + sqrt(1 - g') n) instead of overshooting it."""
     eps = x0_to("eps", x0, z, g)
-    var = eta**2 * _posterior_var(g, g_next)
+    var = 1 - g_next if math.isinf(eta) else torch.minimum(eta**2 * _posterior_var(g, g_next), 1 - g_next)
     out = g_next.sqrt() * x0 + (1 - g_next - var).clamp(min=0).sqrt() * eps
     return out if noise is None else out + var.sqrt() * noise
 
@@ -381,6 +386,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
+    "renoise": partial(ddim, eta=math.inf),
     "unipc": unipc,
     "unipc_3": partial(unipc, order=3),
 }
