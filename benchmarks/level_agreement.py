@@ -4,12 +4,14 @@ sample what was asked for, under each of the sampling settings that shape this?
 Run from the repository root on a quiet machine, on any image model of the built-in `shapes` (class or text):
 
     .venv/bin/python benchmarks/level_agreement.py --model runs/demo/final [--num 96] [--steps 25] [--guidance G]
-        [--rows 5]
+        [--guidance-interval LO HI] [--rows 6 7]
 
 One row per setting, each adding one choice to the row above: deterministic DDIM guiding every level, then level
 projection, then guidance on the lowest level only (`guided_levels`), then DDIM with fresh noise per step (`eta` 1),
 then the grid uniform in logSNR (`spacing`) in place of the reference grid, then DDIM's noise at its cap
-(`renoise`: every step re-noises the x0 estimate afresh).
+(`renoise`: every step re-noises the x0 estimate afresh), then no guidance where the lowest level's logSNR is above 5
+(`guidance_interval`, t < ~50 on the cosine schedule; `--guidance-interval LO HI` sets another). The rows before
+it guide every step, whatever the model's default interval.
 Columns: the shapes oracle's accuracy at the top level (`mdm eval --oracle`'s), the cross-level PSNR (every lower
 level against the top level taken down by the model's pyramid, as `mdm eval` reports it), and per level the grain:
 the standard deviation of the pixels inside each corner patch of an eighth of the side (the shapes' background
@@ -19,6 +21,7 @@ there is flat), on [0, 1], averaged over corners and samples, next to the same f
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -28,6 +31,7 @@ from mdm.eval.levels import consistency_mse, pool_levels, psnr
 from mdm.eval.oracle import accuracy, load_or_train_oracle
 
 EVAL_SEED = 12345  # held-out scenes
+EVERY_STEP = (-math.inf, math.inf)
 SETTINGS = [
     (
         "ddim, every level guided",
@@ -48,7 +52,9 @@ SETTINGS = [
         dict(sampler="renoise", eta=0.0, level_projection=True, guided_levels="lowest", spacing="logsnr"),
     ),
 ]
-SETTING = 26  # width of the setting column
+SETTINGS = [(name, dict(choice, guidance_interval=EVERY_STEP)) for name, choice in SETTINGS]
+SETTINGS.append(("+ no guidance at logSNR > 5", dict(SETTINGS[-1][1], guidance_interval=(-math.inf, 5.0))))
+SETTING = 28  # width of the setting column
 
 
 def grain(images: torch.Tensor) -> float:
@@ -65,6 +71,14 @@ def main() -> None:
     p.add_argument("--num", type=int, default=96, help="samples per setting (the classes round-robin)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: train.sample_guidance)")
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="the last row's interval of the lowest level's logSNR where guidance applies (default: -inf 5)",
+    )
     p.add_argument("--threads", type=int, default=2)
     rows = range(1, len(SETTINGS) + 1)
     p.add_argument("--rows", type=int, nargs="+", default=list(rows), choices=rows, help="settings rows, 1 = first")
@@ -94,7 +108,10 @@ def main() -> None:
     )
     print(head)
     print("data".ljust(SETTING) + f" {'':>9} {'inf':>13}" + "".join(f" {grain(level):>11.4f}" for level in real))
-    for name, choice in (SETTINGS[r - 1] for r in args.rows):
+    for r in args.rows:
+        name, choice = SETTINGS[r - 1]
+        if r == len(SETTINGS) and args.guidance_interval is not None:
+            choice = dict(choice, guidance_interval=tuple(args.guidance_interval))
         out = pipe(
             **request,
             **choice,

@@ -155,6 +155,11 @@ def test_train_stop_resume_then_sample_by_class_name(tmp_path, capsys):
     lowest = pipe(**preset, generator=torch.Generator().manual_seed(3))
     assert pipe.settle(7.5).sampler == "renoise", "the preset's sampler"
     assert not np.array_equal(guided.images, lowest.images), "--guided-levels reaches the sampler"
+    never = tmp_path / "never"
+    assert main([*cmd, "--plain", "--seed", "3", "--guidance-interval", "50", "60", "--out", str(never)]) == 0
+    unguided = pipe(**preset, guidance_interval=(50.0, 60.0), generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(Image.open(never / "plain" / "00001.png")), unguided.images[1])
+    assert not np.array_equal(unguided.images, lowest.images), "--guidance-interval reaches the sampler"
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):

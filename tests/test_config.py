@@ -63,6 +63,9 @@ def test_round_trip_through_yaml(tmp_path):
         (lambda d: d["diffusion"].update(eta=1.0, sampler="euler"), "diffusion.sampler = euler takes none"),
         (lambda d: d["diffusion"].update(guided_levels="top"), "'diffusion.guided_levels' must be 'all'"),
         (lambda d: d["diffusion"].update(guided_levels="lowest"), "needs diffusion.level_projection = true"),
+        (lambda d: d["diffusion"].update(guidance_interval=[5.0, -5.0]), "needs [lo, hi] with lo <= hi"),
+        (lambda d: d["diffusion"].update(guidance_interval=[1.0]), "needs [lo, hi] with lo <= hi"),
+        (lambda d: d["diffusion"].update(guidance_interval=[float("nan"), 1.0]), "needs [lo, hi] with lo <= hi"),
         (
             lambda d: d["model"]["unet"]["inner"].update(channels=[32, 32, 40], num_groups=8),
             "attention stage",

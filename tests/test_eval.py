@@ -512,6 +512,7 @@ def test_eval_without_inception_skips_fid_only_when_another_metric_is_asked_for(
     assert report["settings"]["inception"] is None and "FID / KID skipped" in report["notes"][0]
     assert report["oracle"]["num_generated"] == 4
     apart_args = ["--oracle", "--no-level-projection", "--sampler", "ddim", "--eta", "0", "--guidance", "2"]
+    apart_args += ["--guidance-interval", "-3", "4"]
     assert run_eval(*common, *apart_args, "--out", str(tmp_path / "apart.json")) == 0
     apart = json.loads((tmp_path / "apart.json").read_text())
     assert (report["settings"]["level_projection"], apart["settings"]["level_projection"]) == (True, False)
@@ -519,6 +520,8 @@ def test_eval_without_inception_skips_fid_only_when_another_metric_is_asked_for(
     assert chosen == [("renoise", 0.0), ("ddim", 0.0)], "the preset's sampler, then --sampler / --eta"
     assert report["settings"]["guidance_level_scales"] == [1.0, report["settings"]["guidance"]]
     assert apart["settings"]["guidance_level_scales"] == [2.0, 2.0], "unprojected levels are all guided"
+    default = load_config(class_model / "config.yaml").diffusion.guidance_interval
+    assert (report["settings"]["guidance_interval"], apart["settings"]["guidance_interval"]) == (default, [-3.0, 4.0])
     assert report["levels"][1]["psnr"] > apart["levels"][1]["psnr"] + 10, "the preset's projected levels agree"
     ref = tmp_path / "ref.npz"
     Statistics(np.zeros(32), np.eye(32)).save(ref)

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -131,6 +132,22 @@ def test_spacings_and_guidance_interval():
     always = pipe(**kw, guidance_scale=5.0, guidance_interval=(-50.0, 50.0), generator=torch.Generator().manual_seed(0))
     full = pipe(**kw, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(always.images, full.images)
+
+
+def test_the_configs_guidance_interval_is_the_default_and_a_call_overrides_it():
+    pipe = class_pipe()
+    kw = dict(class_labels=[2], num_inference_steps=6, guidance_scale=5.0, output_type="pt")
+    full = pipe(**kw, generator=torch.Generator().manual_seed(0))
+    unguided = pipe(**{**kw, "guidance_scale": 1.0}, generator=torch.Generator().manual_seed(0))
+    above_every_step = dataclasses.replace(pipe.config.diffusion, guidance_interval=[50.0, 60.0])
+    pipe.config = dataclasses.replace(pipe.config, diffusion=above_every_step)
+    assert pipe.settle(5.0).guidance.interval == (50.0, 60.0)
+    assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, unguided.images)
+    everywhere = (-math.inf, math.inf)
+    assert pipe.settle(5.0, guidance_interval=everywhere).guidance.interval is None
+    again = pipe(**kw, guidance_interval=everywhere, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.images, full.images)
+    assert not torch.equal(full.images, unguided.images)
 
 
 @pytest.mark.parametrize(

@@ -310,6 +310,7 @@ def _eval(args: argparse.Namespace) -> int:
             level_projection=args.level_projection,
             eta=args.eta,
             guided_levels=args.guided_levels,
+            guidance_interval=args.guidance_interval,
             seed=args.seed,
             save_reference=args.save_ref,
             device=env.device,
@@ -343,8 +344,18 @@ def _level_projection_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
-    """--eta and --guided-levels, default the model's diffusion.eta and diffusion.guided_levels."""
+    """--eta, --guided-levels and --guidance-interval, default the model's diffusion.eta, .guided_levels and
+    .guidance_interval."""
     parser.add_argument("--eta", type=float, default=None, help="DDIM's noise level, >= 0 (default: diffusion.eta)")
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="guide only where the lowest level's logSNR is in [LO, HI], e.g. -100 100 for every step "
+        "(default: diffusion.guidance_interval)",
+    )
     parser.add_argument(
         "--guided-levels",
         choices=get_args(GuidedLevels),
@@ -391,14 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     s.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the model's diffusion.sampler")
     s.add_argument("--spacing", choices=list(SPACINGS), default=None, help="default: the model's diffusion.spacing")
-    s.add_argument(
-        "--guidance-interval",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("LO", "HI"),
-        help="guide only in this logSNR range",
-    )
     _level_projection_flag(s)
     _sampling_flags(s)
     s.add_argument("--thresholding", choices=["clip", "dynamic", "dynamic_if", "none"], default=None)

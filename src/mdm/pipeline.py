@@ -5,6 +5,7 @@ pipeline: `from_pretrained`, `save_pretrained`, and a `__call__` that returns im
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,9 +221,10 @@ class MDMPipeline:
         guided_levels: str | None = None,
     ) -> SamplingSettings:
         """The sampling choices of a call, None meaning the config's: `diffusion.sampler`, `.spacing`,
-        `.level_projection`, DDIM's `.eta` (0 for another sampler) and `.guided_levels` (applied under level
-        projection only; without it every level is guided). `guidance_level_scales`, when given, decide instead:
-        'all' gives every level `guidance_scale`, 'lowest' gives it to the lowest level and 1 to the others."""
+        `.level_projection`, DDIM's `.eta` (0 for another sampler), `.guidance_interval` ((-inf, inf) guides every
+        step) and `.guided_levels` (applied under level projection only; without it every level is guided).
+        `guidance_level_scales`, when given, decide instead: 'all' gives every level `guidance_scale`, 'lowest'
+        gives it to the lowest level and 1 to the others."""
         d = self.config.diffusion
         sampler = sampler or d.sampler
         projection = d.level_projection if level_projection is None else level_projection
@@ -233,12 +235,15 @@ class MDMPipeline:
         if guidance_level_scales is None and guided_levels == "lowest":
             guidance_level_scales = [1.0] * (self.diffusion.num_levels - 1) + [guidance_scale]
         level_scales = None if guidance_level_scales is None else tuple(guidance_level_scales)
+        interval = d.guidance_interval if guidance_interval is None else guidance_interval
+        if interval is not None and tuple(interval) == (-math.inf, math.inf):
+            interval = None
         return SamplingSettings(
             sampler=sampler,
             spacing=spacing or d.spacing,
             eta=(d.eta if sampler == "ddim" else 0.0) if eta is None else eta,
             level_projection=projection,
-            guidance=Guidance(guidance_scale, level_scales, guidance_interval),
+            guidance=Guidance(guidance_scale, level_scales, None if interval is None else (interval[0], interval[1])),
         )
 
     def denoise(
@@ -311,7 +316,8 @@ class MDMPipeline:
         from one generator per sample, as in diffusers: a sample is then the same whatever batch it is drawn in).
         `sampler`, `spacing` and DDIM's `eta` default to the config's (`diffusion.sampler`, `.spacing`, `.eta`);
         guidance applies `guidance_scale` to the `guided_levels` ('all' or 'lowest', default the config's; or one
-        scale per level) within `guidance_interval` (base logSNR, lo..hi) only; `settle` shows what a call resolves to.
+        scale per level) within `guidance_interval` (base logSNR, lo..hi; default the config's) only; `settle` shows
+        what a call resolves to.
         `output_type`: "pil", "np" (uint8 NHWC) or "pt" (float in [-1, 1]). The output reports the network calls.
         `callback(i, tau, state)` runs after each step, `x0_callback(i, x0)` after each call with every level's x0.
         `level_projection` (default `diffusion.level_projection`) makes every level's x0 estimate agree with the level

@@ -219,6 +219,13 @@ class DiffusionConfig:
             "capped per step at re-noising x0 afresh (sampler renoise)"
         },
     )
+    guidance_interval: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "default [lo, hi] of the lowest level's logSNR where guidance applies (None = every step; "
+            "-.inf / .inf: no bound); unguided steps skip the unconditional half of the batch"
+        },
+    )
 
 
 @dataclass

@@ -143,6 +143,9 @@ def _diffusion(cfg: MDMConfig, rule: _Rules) -> None:
     rule(d.logsnr_min < d.logsnr_max, "diffusion.logsnr_min", "must be below logsnr_max")
     rule(d.eta >= 0, "diffusion.eta", f"must be >= 0, got {d.eta}")
     rule(d.eta == 0 or d.sampler == "ddim", "diffusion.eta", f"is DDIM's noise level; diffusion.sampler = {d.sampler} takes none")
+    gi = d.guidance_interval
+    if gi is not None:
+        rule(len(gi) == 2 and gi[0] <= gi[1], "diffusion.guidance_interval", f"needs [lo, hi] with lo <= hi (the lowest level's logSNR; -.inf / .inf for no bound), got {gi}")
     rule(d.guided_levels == "all" or d.level_projection, "diffusion.guided_levels", "= lowest needs diffusion.level_projection = true (the levels above take the guided content only through it)")
 
 

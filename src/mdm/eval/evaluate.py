@@ -468,14 +468,16 @@ def evaluate_model(
     level_projection: bool | None = None,
     eta: float | None = None,
     guided_levels: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     save_reference: str | os.PathLike | None = None,
     oracle_cache: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, with `level_projection`, DDIM's `eta` and
-    `guided_levels`, default the model's; every rank its share) and measure them (collective).
+    """Generate `num` samples (`sampler` over `steps` steps of `spacing`, with `level_projection`, DDIM's `eta`,
+    `guided_levels` and `guidance_interval`, default the model's; every rank its share) and measure them
+    (collective).
 
     `data` ('shapes', an image folder or tar shards; for a video model 'moving_shapes' or a clip folder) gives per-level
     FID / KID against the data pooled to each level (clips: over frames, with the temporal consistency of generated
@@ -542,6 +544,7 @@ def evaluate_model(
                 level_projection=level_projection,
                 eta=eta,
                 guided_levels=guided_levels,
+                guidance_interval=guidance_interval,
                 output_type="pt",
             )
             nfe = out.nfe
@@ -565,6 +568,7 @@ def evaluate_model(
     clip_score = float(scores.compute()) if scorer is not None else None
     chosen = pipe.settle(
         guidance,
+        guidance_interval=guidance_interval,
         sampler=sampler,
         spacing=spacing,
         eta=eta,
@@ -584,6 +588,7 @@ def evaluate_model(
         "nfe": nfe,
         "guidance": guidance,
         "guidance_level_scales": chosen.guidance.scales(pipe.diffusion.num_levels),
+        "guidance_interval": None if chosen.guidance.interval is None else list(chosen.guidance.interval),
         "seed": seed,
         "batch_size": batch_size,
         "world_size": rank_world()[1],

@@ -40,7 +40,15 @@ log = logging.getLogger(__name__)
 # Keys a resumed run may change: how fast it reads its data and how it samples, not what it learns
 RESUMABLE = {
     "data": {"num_workers"},
-    "diffusion": {"sampler", "spacing", "eta", "level_projection", "guided_levels", "thresholding"},
+    "diffusion": {
+        "sampler",
+        "spacing",
+        "eta",
+        "level_projection",
+        "guided_levels",
+        "guidance_interval",
+        "thresholding",
+    },
 }
 
 
