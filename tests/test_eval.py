@@ -4,6 +4,7 @@ TorchScript stand-in with the same call convention), a tiny offline CLIP, per-le
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import warnings
@@ -520,8 +521,12 @@ def test_eval_without_inception_skips_fid_only_when_another_metric_is_asked_for(
     assert chosen == [("renoise", 0.0), ("ddim", 0.0)], "the preset's sampler, then --sampler / --eta"
     assert report["settings"]["guidance_level_scales"] == [1.0, report["settings"]["guidance"]]
     assert apart["settings"]["guidance_level_scales"] == [2.0, 2.0], "unprojected levels are all guided"
-    default = load_config(class_model / "config.yaml").diffusion.guidance_interval
-    assert (report["settings"]["guidance_interval"], apart["settings"]["guidance_interval"]) == (default, [-3.0, 4.0])
+    lo, hi = load_config(class_model / "config.yaml").diffusion.guidance_interval
+    assert (lo, report["settings"]["guidance_interval"]) == (-math.inf, [None, hi]), "JSON: an open end is null"
+    assert apart["settings"]["guidance_interval"] == [-3.0, 4.0]
+    assert run_eval(*common, "--oracle", "--guidance-interval", "50", "60", "--out", str(tmp_path / "never.json")) == 0
+    never = json.loads((tmp_path / "never.json").read_text())
+    assert never["oracle"]["fd"] != report["oracle"]["fd"], "--guidance-interval reaches the sampler"
     assert report["levels"][1]["psnr"] > apart["levels"][1]["psnr"] + 10, "the preset's projected levels agree"
     ref = tmp_path / "ref.npz"
     Statistics(np.zeros(32), np.eye(32)).save(ref)

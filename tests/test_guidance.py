@@ -66,6 +66,9 @@ def test_guidance_interval_skips_the_unconditional_half_outside_it_without_chang
     full = run(wide, pyramid(), gammas, grid, COND, UNCOND, guidance=3.0, **kw)
     assert [calls[0] for calls in wide.calls] == [4] * 10
     assert narrow.nfe == full.nfe == 10, "a guided batch is one evaluation"
+    ends = Guidance(3.0, interval=(-20.0, 5.0))
+    assert [ends.applies_at(g) for g in (0.0, 0.5, 1.0)] == [False, True, False], "gamma 0 / 1: logSNR -inf / inf"
+    assert Guidance(3.0, interval=(-math.inf, 5.0)).applies_at(0.0)
 
 
 def test_guidance_needs_an_unconditional_branch_and_consistent_settings():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -371,8 +372,10 @@ def test_run_dir_guards(tmp_path: Path) -> None:
         Trainer(changed, tmp_path, resume="latest", progress=False)
     sampling = train_config(phases=((1, 2),))
     sampling.diffusion.spacing, sampling.diffusion.level_projection = "logsnr", True  # how it samples only
+    sampling.diffusion.guidance_interval = [-math.inf, 5.0]
     Trainer(sampling, tmp_path, resume="latest", progress=False).fit()
-    assert load_config(tmp_path / "config.yaml").diffusion.spacing == "logsnr"
+    resumed = load_config(tmp_path / "config.yaml").diffusion
+    assert (resumed.spacing, resumed.guidance_interval) == ("logsnr", [-math.inf, 5.0]), "saved and read back"
     shorter = train_config(phases=((1, 1),))
     with pytest.raises(TrainingError, match="past the end of the configured phases"):
         Trainer(shorter, tmp_path, resume="latest", progress=False).fit()

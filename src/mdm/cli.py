@@ -353,8 +353,8 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         default=None,
         metavar=("LO", "HI"),
-        help="guide only where the lowest level's logSNR is in [LO, HI], e.g. -100 100 for every step "
-        "(default: diffusion.guidance_interval)",
+        help="guide only where the lowest level's logSNR is in [LO, HI], finite numbers (-inf reads as an option), "
+        "e.g. -100 5 for no lower bound or -100 100 for every step (default: diffusion.guidance_interval)",
     )
     parser.add_argument(
         "--guided-levels",

@@ -53,9 +53,12 @@ class Guidance:
         return list(self.level_scales)
 
     def applies_at(self, gamma: float) -> bool:
-        """Whether the interval (if any) contains the logSNR of noise level `gamma`."""
+        """Whether the interval (if any) contains the logSNR of noise level `gamma` (+-inf at gamma 1 / 0, which a
+        float32 schedule can round to)."""
         if self.interval is None:
             return True
+        if not 0.0 < gamma < 1.0:
+            return self.interval[0] <= (math.inf if gamma >= 1.0 else -math.inf) <= self.interval[1]
         return self.interval[0] <= math.log(gamma) - math.log1p(-gamma) <= self.interval[1]
 
 

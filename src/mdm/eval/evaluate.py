@@ -10,6 +10,7 @@ moving shapes the motion oracle (`eval.motion_oracle`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -588,7 +589,7 @@ def evaluate_model(
         "nfe": nfe,
         "guidance": guidance,
         "guidance_level_scales": chosen.guidance.scales(pipe.diffusion.num_levels),
-        "guidance_interval": None if chosen.guidance.interval is None else list(chosen.guidance.interval),
+        "guidance_interval": _json_interval(chosen.guidance.interval),
         "seed": seed,
         "batch_size": batch_size,
         "world_size": rank_world()[1],
@@ -609,6 +610,11 @@ def evaluate_model(
         conditions=conditions,
         notes=notes,
     )
+
+
+def _json_interval(interval: tuple[float, float] | None) -> list[float | None] | None:
+    """A guidance interval for the JSON report: an open end (+-inf) as null, which strict JSON readers accept."""
+    return None if interval is None else [v if math.isfinite(v) else None for v in interval]
 
 
 def _describe(judge: Classifier) -> dict[str, Any] | str:
